@@ -1,0 +1,252 @@
+"""A compact LLaMA-family decoder with explicit hooks for adapters.
+
+Module names follow the Hugging Face layout (``layers.{i}.self_attn.q_proj`` ...) so that
+checkpoints load by stripping the ``model.`` prefix. Hooks, all ``None`` on a plain model:
+
+- ``Attention.prefix``: a gated prefix (adaption prompt); called with the layer's attention
+  module and the rotated queries, returns a term added to the attention output.
+- ``Block.attn_adapter`` / ``Block.ffn_adapter``: a module applied to the normalised hidden
+  state before attention / the feed-forward network.
+- ``AdaptableLinear``: every linear carries optional ``scale``, ``delta_bias`` and ``lora``.
+
+Methods that insert tokens (visual, modality) build ``inputs_embeds`` themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import Rotary, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as the reference does; bf16 variance loses too much.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * normed
+
+
+class AdaptableLinear(nn.Linear):
+    """nn.Linear with optional per-output-channel scale, extra bias and a low-rank update.
+
+    y = scale * (W x + bias + delta_bias + lora(x)); each term is skipped when None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, **kw: Any):
+        super().__init__(in_features, out_features, bias=bias, **kw)
+        self.scale: nn.Parameter | None = None
+        self.delta_bias: nn.Parameter | None = None
+        self.lora: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            y = y + self.lora(x)
+        if self.delta_bias is not None:
+            y = y + self.delta_bias
+        if self.scale is not None:
+            y = y * self.scale
+        return y
+
+
+@dataclass
+class ForwardContext:
+    """Per-call state that hooks read: the cache and method-specific per-example inputs."""
+
+    batch_size: int
+    cache: KVCache | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class KVCache:
+    """Preallocated keys/values for all layers, plus per-layer prefix keys/values."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+        self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot hold {end}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = AdaptableLinear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = AdaptableLinear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = AdaptableLinear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = AdaptableLinear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.prefix: nn.Module | None = None
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, G, T, d] of `x` [B, T, C], without rotary (used for prompts too)."""
+        B, T, _ = x.shape
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, is_causal: bool, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = self.project_kv(x)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        if self.prefix is not None:
+            out = out + self.prefix(self, q, ctx)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = AdaptableLinear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.up_proj = AdaptableLinear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down_proj = AdaptableLinear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.attn_adapter: nn.Module | None = None
+        self.ffn_adapter: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, is_causal: bool, ctx: ForwardContext) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.attn_adapter is not None:
+            h = self.attn_adapter(h, ctx)
+        x = x + self.self_attn(h, cos, sin, mask, is_causal, ctx)
+        h = self.post_attention_layernorm(x)
+        if self.ffn_adapter is not None:
+            h = self.ffn_adapter(h, ctx)
+        return x + self.mlp(h)
+
+
+def attention_mask_for(attention_mask: torch.Tensor | None, batch: int, q_len: int, past: int,
+                       window: int | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """Return (boolean mask [B, 1, T, S] or None, is_causal) for SDPA.
+
+    `attention_mask` [B, past + T] marks keys that may be attended (0: padding, or a token
+    no other token may see). Each query always sees itself, so no row is empty.
+    """
+    total = past + q_len
+    needs_window = window is not None and total > window
+    if attention_mask is None and not needs_window:
+        if past == 0:
+            return None, q_len > 1
+        if q_len == 1:
+            return None, False
+    q_pos = torch.arange(past, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if needs_window:
+        allowed = allowed & (q_pos - k_pos < window)
+    mask = allowed[None, None].expand(batch, 1, q_len, total)
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask, False
+
+
+class LlamaLM(nn.Module):
+    """Decoder-only LLaMA-family language model returning logits [B, T, vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(cfg)
+        self.adapter: Any = None  # the attached method's state (see methods.registry)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        extras: dict[str, Any] | None = None,
+        output_positions: Any = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab]; with `output_positions` (bool [B, T] or an index), only
+        those positions' logits, so that training never runs the output head
+        where there is no label. `return_hidden` gives the final normed states instead."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        ctx = ForwardContext(batch_size=x.shape[0], cache=cache, extras=dict(extras or {}))
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds the model's context of {self.config.max_seq_len}"
+            )
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        mask, is_causal = attention_mask_for(attention_mask, B, T, past, self.config.sliding_window, x.device)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, is_causal, ctx)
+        if cache is not None:
+            cache.length += T
+        if output_positions is not None:
+            x = x[output_positions]
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)

