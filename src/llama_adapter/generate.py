@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .model.fastpath import compiled_decode_of
 from .model.llama import LlamaLM
 from .model.tokenizer import Tokenizer
 
@@ -93,6 +94,13 @@ def prepare_prompts(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequenc
     return PreparedBatch(ids, None, mask, {})
 
 
+def _cache_length(needed: int, limit: int, fast: bool) -> int:
+    """The compiled step has fixed shapes: round its cache up so that one graph serves many calls."""
+    if not fast:
+        return needed
+    return max(needed, min(limit, -(-needed // 256) * 256))
+
+
 @torch.inference_mode()
 def generate_tokens(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequence[int]],
                     sampling: Sampling, images: Sequence[Any] | None = None) -> Iterator[torch.Tensor]:
@@ -103,7 +111,12 @@ def generate_tokens(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequenc
         raise ValueError(f"prompt of {batch.length} tokens does not fit the model's context of {limit} "
                          f"(at least one position must stay free for the answer)")
     max_new = min(sampling.max_new_tokens, limit - batch.length)
-    cache = model.new_cache(batch.attention_mask.shape[0], batch.length + max_new)
+    rows = batch.attention_mask.shape[0]
+    fast = compiled_decode_of(model)
+    size = _cache_length(batch.length + max_new, limit, fast is not None)
+    if fast is not None and not fast.usable(batch.extras, size):
+        fast, size = None, batch.length + max_new
+    cache = model.new_cache(rows, size)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
@@ -111,16 +124,29 @@ def generate_tokens(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequenc
     mask = batch.attention_mask
     logits = model(batch.input_ids, inputs_embeds=batch.inputs_embeds, attention_mask=mask, cache=cache,
                    extras=batch.extras, output_positions=(slice(None), -1))
-    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=model.device)
+    # Keys each row may attend, kept in one buffer instead of concatenating a mask per step. A finished
+    # row keeps decoding (its tokens are replaced by pad), so only live rows' keys matter; positions
+    # count the attended tokens, as cumsum(mask) - 1 would at the new token.
+    padded = not bool(mask.all())
+    key_valid = torch.zeros((rows, size), dtype=torch.bool, device=model.device)
+    key_valid[:, :batch.length] = mask.bool()
+    positions = mask.long().sum(-1)
+    done = torch.zeros(rows, dtype=torch.bool, device=model.device)
     for step in range(max_new):
         token = next_token(logits, sampling, generator).masked_fill(done, tok.pad_id)
         yield token
         done = done | torch.isin(token, eos)
         if bool(done.all()) or step == max_new - 1:
             return
-        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
-        logits = model(token[:, None], attention_mask=mask, cache=cache, extras=batch.extras,
-                       output_positions=(slice(None), -1))
+        past = cache.length
+        key_valid[:, past] = True
+        logits = fast.step(token, positions, cache, key_valid) if fast is not None else None
+        if logits is None:
+            fast = None
+            logits = model(token[:, None], attention_mask=key_valid[:, :past + 1] if padded else None,
+                           position_ids=positions[:, None] if padded else None, cache=cache,
+                           extras=batch.extras, output_positions=(slice(None), -1))
+        positions = positions + 1
 
 
 def encode_prompts(tok: Tokenizer, prompts: Sequence[str], chat: bool) -> list[list[int]]:
@@ -176,9 +202,20 @@ def stream(model: LlamaLM, tok: Tokenizer, prompts: str | Sequence[str], *, imag
            chat: bool = False, **sampling: Any) -> Iterator[list[str]]:
     """Yield, per step, the new text of each prompt (a list of deltas, "" where none)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    s = Sampling(**sampling)
-    trackers = [_TextTracker(tok, s.stop) for _ in prompts]
-    for tokens in generate_tokens(model, tok, encode_prompts(tok, prompts, chat), s, images):
+    yield from stream_batch(model, tok, encode_prompts(tok, prompts, chat), Sampling(**sampling), images)
+
+
+def stream_ids(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[int], sampling: Sampling,
+               image: Any = None) -> Iterator[str]:
+    """Text deltas for one already-encoded prompt (used by chat, whose template is applied by the caller)."""
+    for deltas in stream_batch(model, tok, [prompt_ids], sampling, None if image is None else [image]):
+        yield deltas[0]
+
+
+def stream_batch(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequence[int]], s: Sampling,
+                 images: Sequence[Any] | None = None) -> Iterator[list[str]]:
+    trackers = [_TextTracker(tok, s.stop) for _ in prompt_ids]
+    for tokens in generate_tokens(model, tok, prompt_ids, s, images):
         deltas = [t.push(int(x)) for t, x in zip(trackers, tokens.tolist())]
         if any(deltas):
             yield deltas

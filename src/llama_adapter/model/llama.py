@@ -198,6 +198,7 @@ class LlamaLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg)
         self.adapter: Any = None  # the attached method's state (see methods.registry)
+        self.name_or_path: str | None = None  # where the weights came from (recorded in adapters)
 
     @property
     def device(self) -> torch.device:

@@ -161,4 +161,6 @@ def load_pretrained(name_or_path: str | Path = DEFAULT_MODEL, dtype: str | torch
     """Load a frozen model and its tokenizer (parameters have requires_grad=False)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    return load_folder(resolve_model_path(name_or_path, progress=progress), dtype=dt, device=dev)
+    model, tok = load_folder(resolve_model_path(name_or_path, progress=progress), dtype=dt, device=dev)
+    model.name_or_path = str(name_or_path)
+    return model, tok

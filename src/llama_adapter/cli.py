@@ -1,0 +1,188 @@
+"""The `llama-adapter` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(fn: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = fn
+        return fn
+    return register
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a Hugging Face folder, a .gguf file or an embedded name (default: smollm2-135m)")
+    p.add_argument("--adapter", default=None, help="an adapter checkpoint folder to load on top")
+    p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (fp16 only on a GPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_kwargs(a: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                stop=tuple(a.stop), seed=a.seed)
+
+
+def load_model(a: argparse.Namespace):
+    import llama_adapter as la
+    from llama_adapter.device import set_threads
+
+    set_threads(a.threads)
+    model, tok = la.load_pretrained(a.model, dtype=a.dtype, device=a.device)
+    if a.adapter:
+        la.load_adapter(model, a.adapter)
+    return model, tok
+
+
+@command("generate")
+def cmd_generate(a: argparse.Namespace) -> int:
+    import llama_adapter as la
+
+    model, tok = load_model(a)
+    chat = tok.has_chat_template if a.chat is None else a.chat
+    prompts = a.prompt or [sys.stdin.read()]
+    images = a.image or None
+    for i, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            print(f"### {i + 1}: {prompt}")
+        imgs = [images[i]] if images and i < len(images) else None
+        for deltas in la.stream(model, tok, [prompt], images=imgs, chat=chat, **sampling_kwargs(a)):
+            print(deltas[0], end="", flush=True)
+        print()
+    return 0
+
+
+@command("chat")
+def cmd_chat(a: argparse.Namespace) -> int:
+    from llama_adapter.generate import Sampling, stream_ids
+
+    model, tok = load_model(a)
+    if not tok.has_chat_template:
+        print("this model's tokenizer has no chat template; use `llama-adapter generate`", file=sys.stderr)
+        return 2
+    messages: list[dict[str, str]] = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    print("Chat with the model. Empty line or Ctrl-D to quit, /reset to start over.")
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not user:
+            return 0
+        if user == "/reset":
+            messages = messages[:1] if a.system else []
+            continue
+        messages.append({"role": "user", "content": user})
+        ids = tok.encode(tok.chat_prompt(messages), add_special_tokens=False)
+        print("model> ", end="", flush=True)
+        reply = ""
+        try:
+            for delta in stream_ids(model, tok, ids, Sampling(**sampling_kwargs(a))):
+                reply += delta
+                print(delta, end="", flush=True)
+        except ValueError as e:  # the conversation outgrew the context
+            print(f"\n[{e}; /reset to start over]")
+            messages.pop()
+            continue
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+@command("finetune")
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from llama_adapter.recipe import load_recipe
+    from llama_adapter.train.run import run_recipe
+
+    recipe = load_recipe(a.recipe, a.overrides)
+    result, _, _ = run_recipe(recipe)
+    val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+    print(f"done: {result.steps} steps in {result.seconds:.1f}s, last train loss {result.train_loss:.4f}, "
+          f"validation loss {val}; adapter in {result.out_dir}")
+    return 0
+
+
+@command("params")
+def cmd_params(a: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    import llama_adapter as la
+    from llama_adapter.model.load import build_model
+    from llama_adapter.recipe import load_recipe
+
+    recipe = load_recipe(a.recipe, a.overrides)
+    model = build_model(recipe.model_config(), device="meta")
+    total = sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):
+        la.attach(model, recipe.method_config())
+    groups = {g: sum(dict(model.named_parameters())[n].numel() for n in names)
+              for g, names in model.adapter.groups.items()}
+    print(json.dumps({"method": recipe.method["name"], "trainable": la.count_trainable(model),
+                      "groups": groups, "base": total}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama-adapter", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete prompts (streams to stdout)")
+    add_model_args(g)
+    add_sampling_args(g)
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable); default: read stdin")
+    g.add_argument("--image", action="append", help="an image for the prompt of the same position")
+    g.add_argument("--chat", dest="chat", action="store_true", default=None,
+                   help="wrap the prompt in the chat template (default: when the model has one)")
+    g.add_argument("--no-chat", dest="chat", action="store_false")
+
+    c = sub.add_parser("chat", help="an interactive multi-turn chat in the terminal")
+    add_model_args(c)
+    add_sampling_args(c)
+    c.add_argument("--system", default=None, help="a system prompt")
+
+    f = sub.add_parser("finetune", help="train an adapter as a recipe says")
+    f.add_argument("--recipe", default=None, help="a YAML recipe (see recipes/)")
+    f.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
+
+    pc = sub.add_parser("params", help="count a recipe's trainable parameters (no weights needed)")
+    pc.add_argument("--recipe", default=None)
+    pc.add_argument("overrides", nargs="*")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"llama-adapter {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

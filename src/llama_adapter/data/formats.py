@@ -1,0 +1,59 @@
+"""Readers for instruction data formats; every error names the file and the record."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class InstructionRecord:
+    instruction: str
+    input: str
+    output: str
+    source: str  # "file#index", for error messages
+
+
+def read_json_records(path: str | Path) -> list[Any]:
+    """A JSON list, or JSON Lines (one object per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def read_alpaca(path: str | Path) -> list[InstructionRecord]:
+    """Alpaca records {instruction, input (optional), output}."""
+    out = []
+    for i, r in enumerate(read_json_records(path)):
+        where = f"{path}#{i}"
+        if not isinstance(r, dict):
+            raise ValueError(f"record {i} of {path} is not an object")
+        for key in ("instruction", "output"):
+            if not isinstance(r.get(key), str):
+                raise ValueError(f"record {i} of {path} has no string field {key!r}")
+        inp = r.get("input", "") or ""
+        if not isinstance(inp, str):
+            raise ValueError(f"record {i} of {path}: field 'input' is not a string")
+        out.append(InstructionRecord(r["instruction"], inp, r["output"], where))
+    if not out:
+        raise ValueError(f"{path} holds no records")
+    return out

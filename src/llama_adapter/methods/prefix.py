@@ -1,0 +1,75 @@
+"""Zero-initialised gated prefix attention (the adaption prompt of LLaMA-Adapter).
+
+out = softmax(q K_text^T / sqrt(d) + mask) V_text + g * softmax(q K_prompt^T / sqrt(d)) V_prompt
+
+The text part is the layer's own attention; this module returns the second term. Prompt
+keys get no rotary embedding; they go through the layer's frozen key/value projections.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.llama import Attention, ForwardContext
+
+GATES = ("per_head_tanh", "per_head", "scalar_tanh", "scalar")
+
+
+class GatedPrefix(nn.Module):
+    """A learned prompt [K, C] and its gate, used as extra keys/values of one attention layer.
+
+    `add_key` names a per-example tensor in the forward context ([B, C] or [B, K, C]) that is
+    added to the prompt (visual tokens in the multimodal variants).
+    """
+
+    def __init__(self, prompt_len: int, dim: int, n_heads: int, gate: str = "per_head_tanh",
+                 add_key: str | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
+        self.gate_kind = gate
+        self.add_key = add_key
+        self.prompt = nn.Parameter(torch.randn(prompt_len, dim, device=device))
+        self.gate = nn.Parameter(torch.zeros(n_heads if gate.startswith("per_head") else 1, device=device))
+        self._static: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._static_key: tuple | None = None
+
+    def gate_value(self) -> torch.Tensor:
+        return torch.tanh(self.gate) if self.gate_kind.endswith("tanh") else self.gate
+
+    def _compute(self, attn: Attention, dtype: torch.dtype, extra: torch.Tensor | None):
+        prompt = self.prompt.to(dtype)[None]
+        if extra is not None:
+            prompt = prompt + (extra[:, None] if extra.dim() == 2 else extra).to(dtype)
+        return attn.project_kv(prompt)
+
+    def keys_values(self, attn: Attention, dtype: torch.dtype, ctx: ForwardContext):
+        """Prompt keys/values [1 or B, G, K, d]. With gradients on they are always recomputed;
+        for inference they are computed once (per generation, or once and for all when they do
+        not depend on the input) and reused."""
+        cache = ctx.cache
+        if cache is not None and attn.layer_idx in cache.prefix:
+            return cache.prefix[attn.layer_idx]
+        extra = ctx.extras.get(self.add_key) if self.add_key else None
+        if extra is None and not torch.is_grad_enabled():
+            params = itertools.chain(self.parameters(), attn.k_proj.parameters(), attn.v_proj.parameters())
+            key = (dtype, str(self.prompt.device), tuple((id(p), p._version) for p in params))
+            if key != self._static_key:
+                self._static, self._static_key = self._compute(attn, dtype, None), key
+            kv = self._static
+        else:
+            kv = self._compute(attn, dtype, extra)
+        if cache is not None:
+            cache.prefix[attn.layer_idx] = kv
+        return kv
+
+    def forward(self, attn: Attention, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        k, v = self.keys_values(attn, q.dtype, ctx)
+        B = q.shape[0]
+        k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
+        return self.gate_value().to(q.dtype).view(1, -1, 1, 1) * out

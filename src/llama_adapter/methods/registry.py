@@ -1,0 +1,96 @@
+"""What every method provides, and the registry that maps names to methods.
+
+A method is one module with a config dataclass and an `attach(model, cfg)` function that
+inserts its modules into the model's hooks and returns an `Attached` record: which
+parameters it trains, in named groups (so V2's disjoint groups are data, not code paths).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model.llama import LlamaLM
+
+
+@dataclass
+class Attached:
+    """The state of a method attached to a model."""
+
+    method: str
+    config: Any
+    # group name -> parameter names (as in model.named_parameters()); every trained parameter is in one group
+    groups: dict[str, list[str]]
+    # data kind -> the groups it trains (joint training); kinds not listed train every group
+    kind_groups: dict[str, list[str]] = field(default_factory=dict)
+    # optional: embeddings and per-example inputs for a prompt batch (images, modality tokens),
+    # for generation (prepare_inputs) and for training batches (prepare_batch)
+    prepare_inputs: Callable[..., Any] | None = None
+    prepare_batch: Callable[..., Any] | None = None
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    def parameter_names(self) -> list[str]:
+        return [n for names in self.groups.values() for n in names]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type
+    attach: Callable[[LlamaLM, Any], Attached]
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    REGISTRY[method.name] = method
+    return method
+
+
+def method_for_config(cfg: Any) -> Method:
+    for m in REGISTRY.values():
+        if isinstance(cfg, m.config_cls):
+            return m
+    raise TypeError(f"{type(cfg).__name__} is not the config of a registered method ({', '.join(REGISTRY)})")
+
+
+def config_from_dict(name: str, values: dict[str, Any]) -> Any:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name].config_cls
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for method {name!r}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def attach(model: LlamaLM, cfg: Any) -> LlamaLM:
+    """Insert a method's modules into a frozen model; only its parameters will train."""
+    if model.adapter is not None:
+        raise ValueError(f"a {model.adapter.method} adapter is already attached to this model")
+    model.requires_grad_(False)
+    attached = method_for_config(cfg).attach(model, cfg)
+    model.adapter = attached
+    params = dict(model.named_parameters())
+    for name in attached.parameter_names():
+        params[name].requires_grad_(True)
+    return model
+
+
+def trainable_parameters(model: LlamaLM) -> dict[str, torch.nn.Parameter]:
+    """{name: parameter} of what the attached method trains (empty when none is attached)."""
+    if model.adapter is None:
+        return {}
+    params = dict(model.named_parameters())
+    return {n: params[n] for n in model.adapter.parameter_names()}
+
+
+def count_trainable(model: LlamaLM) -> int:
+    return sum(p.numel() for p in trainable_parameters(model).values())

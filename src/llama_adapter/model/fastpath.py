@@ -1,0 +1,180 @@
+"""Inference-only fast paths for single-token decoding (opt-in, with a clean fallback).
+
+`enable_compiled_decode(model)` marks a model so that `generate_tokens` runs each decode step
+(one new token per row, after an eager prefill) through one `torch.compile`d graph of the
+whole model. Why: at batch 1 every linear is a matrix-vector product and the step is bound
+by reading the weights; eager PyTorch's bf16 GEMV reaches only a third of the memory
+bandwidth on a CPU, and the ~500 small eager ops per step add milliseconds of dispatch.
+Inductor turns the explicit multiply-and-reduce below into vectorised, parallel loops that
+stream the weights near the bandwidth bound, and fuses the elementwise work in between.
+
+The graph is used only while it computes exactly what the eager model computes: a plain
+model (no adapter hooks, no LoRA/scale/delta_bias on any linear, no PyTorch module hooks),
+no gradient recording, and no sliding window the step could exceed. Anything else takes the
+eager path, so attaching an adapter after enabling is always safe. Compilation happens on
+the first decode step (tens of seconds on a CPU; later processes reuse inductor's on-disk
+cache); a failure to compile disables the fast path for that model with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .llama import AdaptableLinear, KVCache, LlamaLM
+
+_ATTR = "_compiled_decode"
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear written as multiply-and-sum so that inductor emits a streaming reduction.
+
+    Only for use inside a compiled graph: run eagerly it would materialise [B, N, K].
+    Accumulates in fp32 like the eager bf16 kernels do, then rounds to the input dtype.
+    """
+    y = (x.float().unsqueeze(-2) * w.float()).sum(-1)
+    if b is not None:
+        y = y + b.float()
+    return y.to(x.dtype)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return w * normed
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _layer_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                cache_k: torch.Tensor, cache_v: torch.Tensor, write_at: torch.Tensor,
+                norm1: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
+                bq: torch.Tensor | None, bk: torch.Tensor | None, bv: torch.Tensor | None, bo: torch.Tensor | None,
+                norm2: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
+                bg: torch.Tensor | None, bu: torch.Tensor | None, bd: torch.Tensor | None,
+                eps1: float, eps2: float, n_heads: int, use_gemv: bool) -> torch.Tensor:
+    """One decoder block for one token per row: x [B, C] -> [B, C].
+
+    Writes the step's keys/values at position `write_at` (a 1-element long tensor) of the
+    layer's caches [B, G, S, d] and attends over all S positions, masked by the additive
+    `bias` [B, 1, 1, S], so every shape is fixed and one graph serves every layer and step.
+    """
+    lin = _gemv if use_gemv else F.linear
+    B = x.shape[0]
+    G, d = cache_k.shape[1], cache_k.shape[3]
+    h = _rms(x, norm1, eps1)
+    q = lin(h, wq, bq).view(B, n_heads, d)
+    k = lin(h, wk, bk).view(B, G, d)
+    v = lin(h, wv, bv).view(B, G, d)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    cache_k.index_copy_(2, write_at, k.unsqueeze(2))
+    cache_v.index_copy_(2, write_at, v.unsqueeze(2))
+    qg = q.view(B, G, n_heads // G, d).float()
+    scores = torch.matmul(qg, cache_k.float().transpose(-1, -2)) * (d ** -0.5) + bias  # [B, G, rep, S]
+    out = torch.matmul(scores.softmax(-1), cache_v.float()).to(x.dtype).reshape(B, n_heads * d)
+    x = x + lin(out, wo, bo)
+    h = _rms(x, norm2, eps2)
+    return x + lin(F.silu(lin(h, wg, bg)) * lin(h, wu, bu), wd, bd)
+
+
+def _head_step(x: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor, b: torch.Tensor | None,
+               use_gemv: bool) -> torch.Tensor:
+    return (_gemv if use_gemv else F.linear)(_rms(x, norm, eps), w, b)
+
+
+def _has_torch_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None))
+
+
+def is_plain(model: LlamaLM) -> bool:
+    """True when the eager forward is exactly the bare LLaMA computation (no hook of any kind)."""
+    if model.adapter is not None and getattr(model.adapter, "prepare_inputs", None) is not None:
+        return False
+    for layer in model.layers:
+        if layer.attn_adapter is not None or layer.ffn_adapter is not None or layer.self_attn.prefix is not None:
+            return False
+    for m in model.modules():
+        if _has_torch_hooks(m):
+            return False
+        if isinstance(m, AdaptableLinear) and (m.lora is not None or m.delta_bias is not None or m.scale is not None):
+            return False
+    from torch.nn.modules import module as _module  # global hooks registered with register_module_forward_hook
+
+    return not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
+class CompiledDecode:
+    """The compiled decode step of one model, and the checks that decide when it may run."""
+
+    def __init__(self, model: LlamaLM, use_gemv: bool | None = None):
+        self.model = model
+        dev = model.device
+        # CPU: the explicit reduction beats the BLAS GEMV in bf16; elsewhere keep the vendor GEMM.
+        self.use_gemv = (dev.type == "cpu") if use_gemv is None else use_gemv
+        self.failed: str | None = None
+        # One graph per block, reused by all layers (weights are inputs), keeps compiling short.
+        self._layer = torch.compile(_layer_step, dynamic=False, fullgraph=True)
+        self._head = torch.compile(_head_step, dynamic=False, fullgraph=True)
+        self.compiled_steps = 0
+
+    def usable(self, batch_extras: dict[str, Any], cache_len: int) -> bool:
+        """Whether the graph computes what the eager model would for a cache of `cache_len`."""
+        m = self.model
+        if self.failed is not None or torch.is_grad_enabled() or batch_extras:
+            return False
+        window = m.config.sliding_window
+        if window is not None and cache_len > window:
+            return False
+        return is_plain(m)
+
+    def step(self, token: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+             key_valid: torch.Tensor) -> torch.Tensor | None:
+        """Logits [B, V] for `token` [B] at `positions` [B]; None if compiling failed (then use eager)."""
+        m = self.model
+        cos, sin = m.rotary(positions[:, None], m.dtype)  # [B, 1, 1, d]
+        cos, sin = cos[:, 0], sin[:, 0]  # [B, 1, d], broadcast over heads
+        write_at = torch.tensor([cache.length], device=token.device)
+        bias = torch.zeros(key_valid.shape, dtype=torch.float32, device=token.device)
+        bias = bias.masked_fill_(~key_valid, torch.finfo(torch.float32).min)[:, None, None, :]
+        try:
+            x = F.embedding(token, m.embed_tokens.weight)
+            for i, layer in enumerate(m.layers):
+                a, f = layer.self_attn, layer.mlp
+                x = self._layer(x, cos, sin, bias, cache.k[i], cache.v[i], write_at,
+                                layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                                a.o_proj.weight, a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias,
+                                layer.post_attention_layernorm.weight, f.gate_proj.weight, f.up_proj.weight,
+                                f.down_proj.weight, f.gate_proj.bias, f.up_proj.bias, f.down_proj.bias,
+                                layer.input_layernorm.eps, layer.post_attention_layernorm.eps, a.n_heads,
+                                self.use_gemv)
+            logits = self._head(x, m.norm.weight, m.norm.eps, m.lm_head.weight, m.lm_head.bias, self.use_gemv)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: fall back to eager
+            self.failed = f"{type(e).__name__}: {e}"
+            warnings.warn(f"compiled decoding failed, using the eager path: {self.failed}", stacklevel=2)
+            return None
+        cache.length += 1
+        self.compiled_steps += 1
+        return logits
+
+
+def enable_compiled_decode(model: LlamaLM, use_gemv: bool | None = None) -> CompiledDecode:
+    """Opt in: let `generate_tokens` decode through a compiled graph when the model is plain."""
+    state = CompiledDecode(model, use_gemv)
+    setattr(model, _ATTR, state)
+    return state
+
+
+def disable_compiled_decode(model: LlamaLM) -> None:
+    if hasattr(model, _ATTR):
+        delattr(model, _ATTR)
+
+
+def compiled_decode_of(model: LlamaLM) -> CompiledDecode | None:
+    return getattr(model, _ATTR, None)

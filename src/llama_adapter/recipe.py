@@ -1,0 +1,121 @@
+"""Recipes: a YAML file (model, method, data, train) overridable from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data.instructions import DataConfig
+from .methods.registry import config_from_dict
+from .model.config import ModelConfig
+from .train.config import TrainConfig
+
+# Shapes of published models, so that parameter counts need no weights (meta device).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
+    "llama-13b": dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
+    "llama-65b": dict(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=64, ffn_dim=22016),
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                         rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192),
+}
+
+
+@dataclass
+class Recipe:
+    model: str = "smollm2-135m"
+    shape: str | None = None  # a key of SHAPES, for counting without weights
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "adapter_v1"})
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (paper, source)
+
+    def method_config(self) -> Any:
+        values = dict(self.method)
+        name = values.pop("name", None)
+        if not name:
+            raise ValueError("recipe: method.name is missing")
+        return config_from_dict(name, values)
+
+    def model_config(self) -> ModelConfig:
+        if self.shape:
+            if self.shape not in SHAPES:
+                raise ValueError(f"unknown shape {self.shape!r}; known: {', '.join(SHAPES)}")
+            return ModelConfig(**SHAPES[self.shape])
+        from .model.config import read_hf_config
+        from .model.load import resolve_model_path
+
+        return read_hf_config(resolve_model_path(self.model))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return out
+
+
+def _typed(cls: type, values: dict[str, Any], section: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"recipe: unknown key(s) {sorted(unknown)} in section {section!r}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def recipe_from_dict(tree: dict[str, Any], source: str = "recipe") -> Recipe:
+    tree = dict(tree)
+    unknown = set(tree) - {f.name for f in dataclasses.fields(Recipe)}
+    if unknown:
+        raise ValueError(f"{source}: unknown section(s) {sorted(unknown)}")
+    try:
+        recipe = Recipe(
+            model=str(tree.get("model", "smollm2-135m")),
+            shape=tree.get("shape"),
+            method=dict(tree.get("method") or {"name": "adapter_v1"}),
+            data=_typed(DataConfig, dict(tree.get("data") or {}), "data"),
+            train=_typed(TrainConfig, dict(tree.get("train") or {}), "train"),
+            extra=dict(tree.get("extra") or {}),
+        )
+        recipe.method_config()  # validate now, with the recipe's name in the message
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from e
+    return recipe
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    tree: dict[str, Any] = {}
+    source = "command line"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"recipe not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ValueError(f"{p}: a recipe is a mapping with sections model, method, data, train")
+        source = str(p)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return recipe_from_dict(tree, source)

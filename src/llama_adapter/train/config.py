@@ -1,0 +1,56 @@
+"""Training settings (typed, validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 4  # per process, per micro-batch
+    grad_accum: int = 1
+    lr: float | None = None  # absolute learning rate; when None: base_lr * effective batch / 256
+    base_lr: float = 9e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int | None = None  # overrides warmup_epochs
+    warmup_epochs: float = 0.0
+    clip_grad: float | None = 1.0
+    precision: str = "fp32"  # "bf16": autocast, trainable parameters stay fp32
+    base_dtype: str = "fp32"  # "bf16": store the frozen base model in bf16
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    eval_every: int = 0  # steps between validations (0: only at the end)
+    eval_batches: int | None = None  # cap on validation batches
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    log_every: int = 1
+    mix: dict[str, float] = field(default_factory=dict)  # data kind -> share of steps (joint training)
+    resume: bool = True  # continue from the latest checkpoint in out_dir
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        for name in ("precision", "base_dtype"):
+            if getattr(self, name) not in PRECISIONS:
+                raise ValueError(f"{name} must be one of {PRECISIONS}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if any(v < 0 for v in self.mix.values()) or (self.mix and sum(self.mix.values()) <= 0):
+            raise ValueError(f"mix shares must be >= 0 and not all zero, got {self.mix}")
+
+    def learning_rate(self, world_size: int = 1) -> float:
+        if self.lr is not None:
+            return self.lr
+        return self.base_lr * self.batch_size * self.grad_accum * world_size / 256

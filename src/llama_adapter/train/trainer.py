@@ -1,0 +1,297 @@
+"""The one training loop for every method.
+
+It knows parameter groups, data kinds and phases, not methods: each step draws a batch of
+one data kind, and only the parameter groups that kind trains get gradients and move.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.tokenize import IGNORE, Batch, Example, collate
+from ..device import autocast, resolve_device, set_threads
+from ..methods.io import save_adapter
+from ..methods.registry import trainable_parameters
+from ..model.llama import LlamaLM
+from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .distributed import Dist, all_sum, init_from_env, sum_gradients
+from .optim import build_optimizer
+from .runlog import RunLog, plot_losses
+from .schedule import lr_at
+
+
+def lm_loss(model: LlamaLM, batch: Batch) -> torch.Tensor:
+    """Summed next-token cross-entropy over label positions; the output head runs only there."""
+    prepare = getattr(model.adapter, "prepare_batch", None)
+    if prepare is not None:
+        inputs, labels = prepare(model, batch)
+    else:
+        inputs, labels = {"input_ids": batch.input_ids}, batch.labels
+    target_mask = labels[:, 1:] != IGNORE
+    positions = F.pad(target_mask, (0, 1))
+    logits = model(**inputs, output_positions=positions)
+    return F.cross_entropy(logits.float(), labels[:, 1:][target_mask], reduction="sum")
+
+
+class BatchSampler:
+    """Shuffled batches, epoch after epoch; its position is saved for exact resume."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, d: Dist, shuffle: bool = True):
+        if n == 0:
+            raise ValueError("no training examples")
+        self.n, self.batch_size, self.seed, self.d, self.shuffle = n, batch_size, seed, d, shuffle
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next(self) -> list[int]:
+        need = self.batch_size * self.d.world
+        picked: list[int] = []
+        while len(picked) < need:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation()
+            take = self._order[self.pos: self.pos + need - len(picked)]
+            picked += take
+            self.pos += len(take)
+        return picked[self.d.rank * self.batch_size: (self.d.rank + 1) * self.batch_size]
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, s: dict[str, int]) -> None:
+        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
+        self._order = self._permutation()
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: float | None
+    val_loss: float | None
+    seconds: float
+    out_dir: Path
+    tokens_per_second: float
+
+
+class Trainer:
+    def __init__(self, model: LlamaLM, cfg: TrainConfig, train: dict[str, Sequence[Example]],
+                 val: Sequence[Example] = (), pad_id: int = 0,
+                 collate_fn: Callable[[list[Example]], Batch] | None = None,
+                 loss_fn: Callable[[LlamaLM, Batch], torch.Tensor] = lm_loss):
+        if model.adapter is None:
+            raise ValueError("attach a method before training (la.attach(model, config))")
+        if cfg.base_dtype == "bf16" and cfg.precision != "bf16":
+            raise ValueError("base_dtype bf16 needs precision bf16 (autocast), or the dtypes would not match")
+        set_threads(cfg.threads)
+        self.cfg, self.model = cfg, model
+        self.device = resolve_device(cfg.device)
+        self.dist = init_from_env(self.device)
+        self.train_sets = {k: list(v) for k, v in train.items() if len(v)}
+        if not self.train_sets:
+            raise ValueError("no training examples")
+        self.val = list(val)
+        self.collate = collate_fn or (lambda ex: collate(ex, pad_id))
+        self.loss_fn = loss_fn
+        self.out_dir = Path(cfg.out_dir)
+        self.params = trainable_parameters(model)
+        self._place_model()
+        self.mix = self._mix()
+        self.samplers = {k: BatchSampler(len(v), cfg.batch_size, cfg.seed + i, self.dist)
+                         for i, (k, v) in enumerate(sorted(self.train_sets.items()))}
+        self.lr = cfg.learning_rate(self.dist.world)
+        self.total_steps = self._total_steps()
+        self.warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
+                       else round(cfg.warmup_epochs * self._steps_per_epoch()))
+        self.optimizer = build_optimizer(self.params, self.lr, cfg.weight_decay, cfg.betas)
+        self.kind_params = self._kind_params()
+        self.step = 0
+        if self.dist.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.log = RunLog(self.out_dir / "log.jsonl", enabled=self.dist.main)
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _place_model(self) -> None:
+        """Frozen base in the storage dtype asked for; trainable parameters always fp32."""
+        base_dtype = torch.bfloat16 if self.cfg.base_dtype == "bf16" else torch.float32
+        trainable = {id(p) for p in self.params.values()}
+        for p in self.model.parameters():
+            dtype = torch.float32 if id(p) in trainable else base_dtype
+            if p.device != self.device or p.dtype != dtype:
+                p.data = p.data.to(self.device, dtype)
+
+    def _mix(self) -> dict[str, float]:
+        kinds = sorted(self.train_sets)
+        if not self.cfg.mix:
+            if len(kinds) > 1:
+                raise ValueError(f"several data kinds {kinds}: set train.mix to their shares of the steps")
+            return {kinds[0]: 1.0}
+        missing = set(self.cfg.mix) - set(kinds)
+        if missing:
+            raise ValueError(f"train.mix names data kinds with no examples: {sorted(missing)}")
+        total = sum(self.cfg.mix.values())
+        return {k: v / total for k, v in self.cfg.mix.items() if v > 0}
+
+    def _steps_per_epoch(self) -> float:
+        """Steps for one pass over the data kind with the largest share."""
+        main = max(self.mix, key=lambda k: self.mix[k])
+        per_step = self.cfg.batch_size * self.cfg.grad_accum * self.dist.world
+        return len(self.train_sets[main]) / per_step / self.mix[main]
+
+    def _total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return self.cfg.max_steps
+        return max(1, math.ceil(self.cfg.epochs * self._steps_per_epoch()))
+
+    def _kind_params(self) -> dict[str, list[str]]:
+        """Which parameters each data kind trains (the method's mapping; default: all)."""
+        mapping = getattr(self.model.adapter, "kind_groups", None) or {}
+        groups = self.model.adapter.groups
+        out = {}
+        for kind in self.mix:
+            names = [n for g in mapping.get(kind, list(groups)) for n in groups[g]]
+            if not names:
+                raise ValueError(f"data kind {kind!r} trains no parameters")
+            out[kind] = names
+        return out
+
+    def kind_for_step(self, step: int) -> str:
+        if len(self.mix) == 1:
+            return next(iter(self.mix))
+        r = random.Random(self.cfg.seed * 7_919 + step).random()
+        acc = 0.0
+        for kind, share in sorted(self.mix.items()):
+            acc += share
+            if r < acc:
+                return kind
+        return sorted(self.mix)[-1]
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _resume(self) -> None:
+        folder = latest_checkpoint(self.out_dir) if self.cfg.resume else None
+        if folder is None:
+            return
+        from ..methods.io import load_adapter
+
+        load_adapter(self.model, folder)
+        state = load_trainer_state(folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for k, s in state["samplers"].items():
+            self.samplers[k].load_state(s)
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.log.truncate_after(self.step)
+
+    def save(self) -> Path | None:
+        if not self.dist.main:
+            return None
+        extra = {"samplers": {k: s.state() for k, s in self.samplers.items()}}
+        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, extra)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _batch(self, kind: str) -> Batch:
+        data = self.train_sets[kind]
+        return self.collate([data[i] for i in self.samplers[kind].next()]).to(self.device)
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, kind = self.cfg, self.kind_for_step(self.step)
+        active = self.kind_params[kind]
+        active_set = set(active)
+        for n, p in self.params.items():
+            p.requires_grad_(n in active_set)
+        self.model.train()
+        batches = [self._batch(kind) for _ in range(cfg.grad_accum)]
+        (label_tokens,) = all_sum([float(sum(b.n_label_tokens for b in batches))], self.dist, self.device)
+        loss_total = 0.0
+        for b in batches:
+            with autocast(self.device, torch.bfloat16 if cfg.precision == "bf16" else None):
+                loss = self.loss_fn(self.model, b)
+            (loss / label_tokens).backward()
+            loss_total += float(loss.detach())
+        params = [self.params[n] for n in active]
+        sum_gradients(params, self.dist)
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        lr = lr_at(self.step, self.total_steps, self.warmup, self.lr, cfg.min_lr)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        (loss_sum,) = all_sum([loss_total], self.dist, self.device)
+        tokens = sum(b.n_tokens for b in batches) * self.dist.world
+        self.step += 1
+        return {"step": self.step, "kind": kind, "loss": loss_sum / label_tokens, "lr": lr, "tokens": tokens,
+                "label_tokens": int(label_tokens)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.val:
+            return None
+        self.model.eval()
+        shard = self.val[self.dist.rank:: self.dist.world]
+        n_batches = math.ceil(len(shard) / self.cfg.batch_size)
+        if self.cfg.eval_batches:
+            n_batches = min(n_batches, self.cfg.eval_batches)
+        loss_sum, tokens = 0.0, 0.0
+        for i in range(n_batches):
+            b = self.collate(shard[i * self.cfg.batch_size: (i + 1) * self.cfg.batch_size]).to(self.device)
+            with autocast(self.device, torch.bfloat16 if self.cfg.precision == "bf16" else None):
+                loss_sum += float(self.loss_fn(self.model, b))
+            tokens += b.n_label_tokens
+        loss_sum, tokens = all_sum([loss_sum, tokens], self.dist, self.device)
+        return loss_sum / max(tokens, 1)
+
+    def fit(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        torch.manual_seed(self.cfg.seed)
+        self._resume()
+        start_step, t0 = self.step, time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.dist.main),
+                   desc="training", unit="step", dynamic_ncols=True)
+        tokens_done, last, val = 0, None, None
+        while self.step < self.total_steps:
+            rec = self.train_step()
+            elapsed = time.perf_counter() - t0
+            tokens_done += rec["tokens"]
+            rec.update(tok_per_s=tokens_done / elapsed, elapsed=round(elapsed, 3))
+            last = rec["loss"]
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                self.log.write(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_per_s']:.0f}", kind=rec["kind"])
+            bar.update(1)
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
+                val = self.evaluate()
+                if val is not None:
+                    self.log.write({"step": self.step, "val_loss": val})
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+                self.save()
+        bar.close()
+        val = self.evaluate()
+        if val is not None:
+            self.log.write({"step": self.step, "val_loss": val})
+        self.save()
+        if self.dist.main:
+            save_adapter(self.model, self.out_dir)
+            plot_losses(self.log.records(), self.out_dir / "loss.png", title=f"{self.model.adapter.method}")
+        seconds = time.perf_counter() - t0
+        steps_run = self.step - start_step
+        return TrainResult(self.step, last, val, seconds, self.out_dir,
+                           tokens_done / seconds if steps_run else 0.0)
