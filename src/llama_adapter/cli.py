@@ -145,6 +145,13 @@ def cmd_params(a: argparse.Namespace) -> int:
     return 0
 
 
+@command("demo")
+def cmd_demo(a: argparse.Namespace) -> int:
+    from llama_adapter.demo import run_demo
+
+    return run_demo(a.model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-adapter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="train an adapter as a recipe says")
     f.add_argument("--recipe", default=None, help="a YAML recipe (see recipes/)")
     f.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
+
+    d = sub.add_parser("demo", help="the main job on the embedded defaults")
+    d.add_argument("--model", default="smollm2-135m")
 
     pc = sub.add_parser("params", help="count a recipe's trainable parameters (no weights needed)")
     pc.add_argument("--recipe", default=None)
