@@ -145,6 +145,18 @@ def cmd_params(a: argparse.Namespace) -> int:
     return 0
 
 
+@command("data")
+def cmd_data(a: argparse.Namespace) -> int:
+    import json
+
+    from llama_adapter.data.synth import summary_dict, synthesize
+
+    summary = synthesize(a.out, a.n, seed=a.seed, n_test=a.n_test, image_size=a.image_size,
+                         ocr_words=a.ocr_words, overwrite=a.overwrite)
+    print(json.dumps(summary_dict(summary), indent=1))
+    return 0
+
+
 @command("demo")
 def cmd_demo(a: argparse.Namespace) -> int:
     from llama_adapter.demo import run_demo
@@ -173,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="train an adapter as a recipe says")
     f.add_argument("--recipe", default=None, help="a YAML recipe (see recipes/)")
     f.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
+
+    ds = sub.add_parser("data", help="data tools")
+    ds_sub = ds.add_subparsers(dest="data_command", required=True)
+    syn = ds_sub.add_parser("synth", help="write the synthetic visual instruction set")
+    syn.add_argument("--out", required=True)
+    syn.add_argument("--n", type=int, default=2000, help="training images")
+    syn.add_argument("--n-test", type=int, default=None, help="held-out images (default n/4)")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--image-size", type=int, default=224)
+    syn.add_argument("--ocr-words", type=int, default=None, help="rendered-word training images (default n/4)")
+    syn.add_argument("--overwrite", action="store_true")
 
     d = sub.add_parser("demo", help="the main job on the embedded defaults")
     d.add_argument("--model", default="smollm2-135m")

@@ -1,0 +1,113 @@
+"""A real LLaMA-Adapter V1 run on this CPU: SmolLM2-135M on the Alpaca 1k sample.
+
+Records the loss curve, the held-out response NLL before and after (records of
+alpaca_small_2k.json whose instruction is not in the 1k file), and a few generations
+before and after, into bench/results/v1_alpaca_run.{json,md,png}.
+
+    python bench/v1_alpaca_run.py --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, write_results  # noqa: E402
+
+import llama_adapter as la  # noqa: E402
+from llama_adapter.data.formats import read_alpaca  # noqa: E402
+from llama_adapter.data.instructions import DataConfig, encode_records  # noqa: E402
+from llama_adapter.data.templates import alpaca_prompt  # noqa: E402
+from llama_adapter.data.tokenize import collate  # noqa: E402
+from llama_adapter.recipe import load_recipe  # noqa: E402
+from llama_adapter.train.run import run_recipe  # noqa: E402
+from llama_adapter.train.trainer import lm_loss  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "alpaca"
+
+
+def held_out_records(n: int):
+    seen = {r.instruction for r in read_alpaca(DATA / "alpaca_data_1k.json")}
+    return [r for r in read_alpaca(DATA / "alpaca_small_2k.json") if r.instruction not in seen][:n]
+
+
+@torch.no_grad()
+def response_nll(model, tok, records, max_len: int = 256, batch: int = 8) -> float:
+    examples = encode_records(records, tok, DataConfig(train="-", max_len=max_len, on_long_prompt="skip"))
+    total, tokens = 0.0, 0
+    model.eval()
+    for i in range(0, len(examples), batch):
+        b = collate(examples[i: i + batch], tok.pad_id)
+        total += float(lm_loss(model, b))
+        tokens += b.n_label_tokens
+    return total / tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--out", default="runs/bench-v1-alpaca")
+    ap.add_argument("--eval-records", type=int, default=200)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    recipe = load_recipe(ROOT / "recipes" / "v1_smollm2_alpaca_cpu.yaml",
+                         [f"data.train={DATA / 'alpaca_data_1k.json'}", f"train.max_steps={args.steps}",
+                          f"train.out_dir={args.out}", "train.resume=false"])
+    shutil.rmtree(args.out, ignore_errors=True)
+    held = held_out_records(args.eval_records)
+    demo = held[:5]
+    prompts = [alpaca_prompt(r.instruction, r.input) for r in demo]
+
+    base, tok = la.load_pretrained(recipe.model)
+    nll_before = response_nll(base, tok, held)
+    before = la.generate(base, tok, prompts, max_new_tokens=64)
+    del base
+
+    t0 = time.perf_counter()
+    result, model, tok = run_recipe(recipe)
+    train_seconds = time.perf_counter() - t0
+    model.float()
+    nll_after = response_nll(model, tok, held)
+    after = la.generate(model, tok, prompts, max_new_tokens=64)
+
+    shutil.copy(Path(args.out) / "loss.png", ROOT / "bench" / "results" / "v1_alpaca_run.png")
+    log = [json.loads(x) for x in (Path(args.out) / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    figures = {
+        "steps": result.steps, "trainable_parameters": la.count_trainable(model),
+        "train_seconds": round(train_seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
+        "train_loss_first_20_mean": sum(losses[:20]) / 20, "train_loss_last_20_mean": sum(losses[-20:]) / 20,
+        "val_loss_curve": [(r["step"], r["val_loss"]) for r in log if "val_loss" in r],
+        "held_out_records": len(held), "held_out_response_nll_before": nll_before,
+        "held_out_response_nll_after": nll_after,
+        "generations": [{"instruction": r.instruction, "input": r.input, "before": b, "after": a}
+                        for r, b, a in zip(demo, before, after)],
+        "recipe": recipe.to_dict(),
+    }
+    rows = ["| measure | value |", "|---|---|",
+            f"| steps (batch 4 x <=256 tokens) | {result.steps} |",
+            f"| trainable parameters | {figures['trainable_parameters']:,} |",
+            f"| training time on this CPU | {train_seconds / 60:.1f} min ({result.tokens_per_second:.0f} tokens/s) |",
+            f"| train loss, first 20 / last 20 steps | {figures['train_loss_first_20_mean']:.3f} / "
+            f"{figures['train_loss_last_20_mean']:.3f} |",
+            f"| held-out response NLL ({len(held)} records), before / after | {nll_before:.3f} / {nll_after:.3f} |"]
+    gens = ["", "| instruction | before (base) | after (V1) |", "|---|---|---|"]
+    for g in figures["generations"]:
+        cells = [g["instruction"] + (f" ({g['input']})" if g["input"] else ""), g["before"], g["after"]]
+        gens.append("| " + " | ".join(c.replace("\n", " ").replace("|", "/")[:160] for c in cells) + " |")
+    table = "\n".join(rows + gens) + "\n\n![loss curve](v1_alpaca_run.png)\n"
+    write_results("v1_alpaca_run", figures, table, machine_info())
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
