@@ -207,8 +207,10 @@ def main() -> None:
               f"**{peft_best / ours_best:.2f}x** (target >= 1.3x).",
               f"Nominal FLOPs per step {flops / 1e9:.0f} G (4 x {n_params / 1e6:.1f}M params x {B * T} tokens "
               f"+ attention); measured bf16 matmul {bf16_rate / 1e9:.0f} GFLOP/s: ours reaches "
-              f"**{flops / ours_best / bf16_rate:.0%}** of it (target >= 55%), PEFT {flops / peft_best / bf16_rate:.0%}.",
-              f"Trainable parameters: ours {counts['ours']:,} (per-head gates), PEFT {counts['peft']:,} (scalar gates)."]
+              f"**{flops / ours_best / bf16_rate:.0%}** of it (target >= 55%), "
+              f"PEFT {flops / peft_best / bf16_rate:.0%}.",
+              f"Trainable parameters: ours {counts['ours']:,} (per-head gates), "
+              f"PEFT {counts['peft']:,} (scalar gates)."]
     table = "\n".join(lines) + "\n"
     write_results("train_step", figures, table, machine_info())
     print(table)

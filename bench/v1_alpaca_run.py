@@ -23,7 +23,8 @@ from common import machine_info, write_results  # noqa: E402
 
 import llama_adapter as la  # noqa: E402
 from llama_adapter.data.formats import read_alpaca  # noqa: E402
-from llama_adapter.data.instructions import DataConfig, encode_records  # noqa: E402
+from llama_adapter.data.instructions import encode_records  # noqa: E402
+from llama_adapter.data.sources import DataConfig  # noqa: E402
 from llama_adapter.data.templates import alpaca_prompt  # noqa: E402
 from llama_adapter.data.tokenize import collate  # noqa: E402
 from llama_adapter.recipe import load_recipe  # noqa: E402

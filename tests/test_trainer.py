@@ -9,7 +9,7 @@ import torch
 from conftest import save_tiny_folder
 
 import llama_adapter as la
-from llama_adapter.data import DataConfig, encode_pair, load_instruction_data
+from llama_adapter.data import DataConfig, encode_pair, load_source
 from llama_adapter.data.tokenize import IGNORE
 from llama_adapter.train import TrainConfig, Trainer
 from llama_adapter.train.schedule import lr_at
@@ -140,8 +140,8 @@ def test_record_whose_prompt_fills_context_is_reported_by_index(tiny, tmp_path):
                {"instruction": "the quick brown fox " * 30, "input": "", "output": "x"}]
     path.write_text(json.dumps(records))
     with pytest.raises(ValueError, match=r"data.json#1: the prompt alone is \d+ tokens"):
-        load_instruction_data(DataConfig(train=str(path), max_len=64), tok)
-    train, _ = load_instruction_data(DataConfig(train=str(path), max_len=64, on_long_prompt="skip"), tok)
+        load_source(DataConfig(train=str(path), max_len=64), tok)
+    train, _ = load_source(DataConfig(train=str(path), max_len=64, on_long_prompt="skip"), tok)
     assert len(train) == 1
 
 
@@ -150,12 +150,12 @@ def test_bad_records_name_file_and_index(tiny, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
     with pytest.raises(ValueError, match=r"record 1 of .*bad.jsonl has no string field 'output'"):
-        load_instruction_data(DataConfig(train=str(path)), tok)
+        load_source(DataConfig(train=str(path)), tok)
     path.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        load_instruction_data(DataConfig(train=str(path)), tok)
+        load_source(DataConfig(train=str(path)), tok)
     with pytest.raises(FileNotFoundError, match="nothere.json"):
-        load_instruction_data(DataConfig(train=str(tmp_path / "nothere.json")), tok)
+        load_source(DataConfig(train=str(tmp_path / "nothere.json")), tok)
 
 
 def test_warmup_then_half_cosine():

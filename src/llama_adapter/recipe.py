@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .data.instructions import DataConfig
+from .data.sources import DataConfig
 from .methods.registry import config_from_dict
 from .model.config import ModelConfig
 from .train.config import TrainConfig
@@ -29,7 +29,7 @@ class Recipe:
     model: str = "smollm2-135m"
     shape: str | None = None  # a key of SHAPES, for counting without weights
     method: dict[str, Any] = field(default_factory=lambda: {"name": "adapter_v1"})
-    data: DataConfig = field(default_factory=DataConfig)
+    data: list[DataConfig] = field(default_factory=list)  # one or more sources, each of a data kind
     train: TrainConfig = field(default_factory=TrainConfig)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (paper, source)
 
@@ -55,13 +55,23 @@ class Recipe:
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c=value`; a list (several data sources) is indexed by number: `data.1.train=...`."""
     keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {dotted!r}: {k!r} is not a section")
-    node[keys[-1]] = value
+    node: Any = tree
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ValueError(f"override {dotted!r}: {k!r} is not an index of the {len(node)} entries")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {keys[i - 1]!r} is not a section")
+        if last:
+            node[k] = value
+        else:
+            if isinstance(node, dict) and k not in node:
+                node[k] = {}
+            node = node[k]
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
@@ -82,6 +92,16 @@ def _typed(cls: type, values: dict[str, Any], section: str) -> Any:
     return cls(**values)
 
 
+def _as_list(section: Any) -> list[dict[str, Any]]:
+    if section is None:
+        return []
+    if isinstance(section, dict):
+        return [section]
+    if isinstance(section, list) and all(isinstance(d, dict) for d in section):
+        return section
+    raise ValueError("data: a mapping (one source) or a list of mappings (several sources)")
+
+
 def recipe_from_dict(tree: dict[str, Any], source: str = "recipe") -> Recipe:
     tree = dict(tree)
     unknown = set(tree) - {f.name for f in dataclasses.fields(Recipe)}
@@ -92,7 +112,7 @@ def recipe_from_dict(tree: dict[str, Any], source: str = "recipe") -> Recipe:
             model=str(tree.get("model", "smollm2-135m")),
             shape=tree.get("shape"),
             method=dict(tree.get("method") or {"name": "adapter_v1"}),
-            data=_typed(DataConfig, dict(tree.get("data") or {}), "data"),
+            data=[_typed(DataConfig, dict(d), "data") for d in _as_list(tree.get("data"))],
             train=_typed(TrainConfig, dict(tree.get("train") or {}), "train"),
             extra=dict(tree.get("extra") or {}),
         )

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..data.instructions import load_instruction_data
+from ..data.multimodal import collate_multimodal
+from ..data.sources import load_source
+from ..data.tokenize import Example
 from ..fileio import atomic_write_text
 from ..methods.registry import attach, count_trainable
 from ..model.load import load_pretrained
@@ -20,14 +22,24 @@ def run_recipe(recipe: Recipe):
     torch.manual_seed(recipe.train.seed)
     model, tok = load_pretrained(recipe.model, device=recipe.train.device)
     attach(model, recipe.method_config())
-    train, val = load_instruction_data(recipe.data, tok)
+    if not recipe.data:
+        raise ValueError("the recipe has no data section")
+    train: dict[str, list[Example]] = {}
+    val: list[Example] = []
+    for source in recipe.data:
+        t, v = load_source(source, tok)
+        train.setdefault(source.kind, []).extend(t)
+        val.extend(v)
+    multimodal = any(source.format != "alpaca" for source in recipe.data)
     out = Path(recipe.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    trainer = Trainer(model, recipe.train, {"instruction": train}, val, pad_id=tok.pad_id)
+    collate_fn = (lambda ex: collate_multimodal(ex, tok.pad_id)) if multimodal else None
+    trainer = Trainer(model, recipe.train, train, val, pad_id=tok.pad_id, collate_fn=collate_fn)
     if trainer.dist.main:
+        counts = ", ".join(f"{len(v)} {k}" for k, v in train.items())
         print(f"{recipe.method['name']}: {count_trainable(model):,} trainable parameters; "
-              f"{len(train)} training / {len(val)} validation examples; {trainer.total_steps} steps "
+              f"{counts} training / {len(val)} validation examples; {trainer.total_steps} steps "
               f"-> {out}", flush=True)
     result: TrainResult = trainer.fit()
     return result, model, tok
