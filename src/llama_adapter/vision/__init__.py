@@ -1,0 +1,38 @@
+"""Images in, visual tokens out: image loading, frozen encoders, a feature cache and projectors."""
+
+from .cache import FeatureCache
+from .encoders import (
+    DEFAULT_ENCODER,
+    EFFICIENTNET_TAP_BLOCKS,
+    CLIPEncoder,
+    EfficientNetLite0Encoder,
+    ImageEncoder,
+    SiglipEncoder,
+    VisionFeatures,
+    default_vit_layers,
+    load_encoder,
+)
+from .images import ImageSource, blank_image, image_digest, load_image, to_rgb
+from .projectors import GlobalMLPProjector, LavinNeck, QueryBlock, VisualQueryProjector
+
+__all__ = [
+    "DEFAULT_ENCODER",
+    "EFFICIENTNET_TAP_BLOCKS",
+    "CLIPEncoder",
+    "EfficientNetLite0Encoder",
+    "FeatureCache",
+    "GlobalMLPProjector",
+    "ImageEncoder",
+    "ImageSource",
+    "LavinNeck",
+    "QueryBlock",
+    "SiglipEncoder",
+    "VisionFeatures",
+    "VisualQueryProjector",
+    "blank_image",
+    "default_vit_layers",
+    "image_digest",
+    "load_encoder",
+    "load_image",
+    "to_rgb",
+]
