@@ -161,7 +161,7 @@ def cmd_data(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from llama_adapter.demo import run_demo
 
-    return run_demo(a.model)
+    return run_demo(a.out, a.steps, a.images)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,8 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--ocr-words", type=int, default=None, help="rendered-word training images (default n/4)")
     syn.add_argument("--overwrite", action="store_true")
 
-    d = sub.add_parser("demo", help="the main job on the embedded defaults")
-    d.add_argument("--model", default="smollm2-135m")
+    d = sub.add_parser("demo", help="fine-tune V1 multimodal on synthetic images and answer questions about them")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=120)
+    d.add_argument("--images", type=int, default=800, help="synthetic training images")
 
     pc = sub.add_parser("params", help="count a recipe's trainable parameters (no weights needed)")
     pc.add_argument("--recipe", default=None)

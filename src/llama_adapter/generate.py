@@ -226,6 +226,15 @@ def stream_batch(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequence[i
         yield tails
 
 
+def complete_ids(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequence[int]], sampling: Sampling,
+                 images: Sequence[Any] | None = None) -> list[str]:
+    """Complete already-encoded prompts (laid out by a data template) and return the texts."""
+    out = [""] * len(prompt_ids)
+    for deltas in stream_batch(model, tok, prompt_ids, sampling, images):
+        out = [o + d for o, d in zip(out, deltas)]
+    return out
+
+
 def generate(model: LlamaLM, tok: Tokenizer, prompts: str | Sequence[str], images: Sequence[Any] | None = None,
              max_new_tokens: int = 64, chat: bool = False, **sampling: Any) -> list[str]:
     """Complete each prompt; returns the generated texts (without the prompts)."""

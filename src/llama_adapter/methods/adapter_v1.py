@@ -1,12 +1,20 @@
-"""LLaMA-Adapter (V1): gated adaption prompts in the top L layers (METHODS.md section 1)."""
+"""LLaMA-Adapter (V1): gated adaption prompts in the top L layers (METHODS.md section 1),
+and its multimodal variant: one projected visual token added to every adapted prompt."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
+from ..generate import PreparedBatch
 from ..model.llama import LlamaLM
+from ..vision import GlobalMLPProjector
 from .prefix import GATES, GatedPrefix
 from .registry import Attached, Method, register
+from .visual import VisualFrontend
+
+VISUAL_KEY = "visual_global"
 
 
 @dataclass
@@ -14,6 +22,9 @@ class AdapterV1Config:
     prompt_len: int = 10
     n_layers: int | None = None  # adapted top layers; None: all but the first two
     gate: str = "per_head_tanh"  # or "per_head", "scalar_tanh", "scalar" (PEFT-compatible)
+    vision: str | None = None  # an image encoder ("efficientnet-lite0", "clip:DIR", ...): the multimodal variant
+    visual_hidden: int = 256  # hidden width of the projection MLP
+    feature_cache: bool = True  # keep the frozen encoder's features on disk (later epochs skip the encoder)
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1:
@@ -43,8 +54,30 @@ def attach_prompts(model: LlamaLM, layers: range, prompt_len: int, gate: str,
 
 
 def attach(model: LlamaLM, cfg: AdapterV1Config) -> Attached:
-    names = attach_prompts(model, cfg.adapted_layers(model.config.n_layers), cfg.prompt_len, cfg.gate)
-    return Attached("adapter_v1", cfg, groups={"adapter": names})
+    layers = cfg.adapted_layers(model.config.n_layers)
+    names = attach_prompts(model, layers, cfg.prompt_len, cfg.gate, VISUAL_KEY if cfg.vision else None)
+    if not cfg.vision:
+        return Attached("adapter_v1", cfg, groups={"adapter": names})
+    frontend = VisualFrontend(cfg.vision, cfg.feature_cache).to(model.device)
+    proj = GlobalMLPProjector(frontend.encoder.global_dims, model.config.dim, cfg.visual_hidden).to(model.device)
+    model.visual = nn.ModuleDict({"frontend": frontend, "proj": proj})
+    names += [f"visual.proj.{n}" for n, _ in proj.named_parameters()]
+
+    def extras(images, batch_size: int) -> dict:
+        feats, has = frontend.features(images, batch_size, model.device)
+        if feats is None:
+            return {}
+        return {VISUAL_KEY: proj(feats) * has[:, None].to(proj.fc2.weight.dtype)}
+
+    def prepare_inputs(model, ids, mask, images) -> PreparedBatch:
+        return PreparedBatch(ids, None, mask, extras(images, ids.shape[0]))
+
+    def prepare_batch(model, batch):
+        return {"input_ids": batch.input_ids,
+                "extras": extras(getattr(batch, "images", None), batch.input_ids.shape[0])}, batch.labels
+
+    return Attached("adapter_v1", cfg, groups={"adapter": names}, prepare_inputs=prepare_inputs,
+                    prepare_batch=prepare_batch)
 
 
 METHOD = register(Method("adapter_v1", AdapterV1Config, attach))
