@@ -80,6 +80,8 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # per-generation values that hooks compute at prefill and reuse while decoding (e.g. routing)
+        self.state: dict[Any, torch.Tensor] = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
