@@ -1,10 +1,21 @@
 """llama-adapter: LLaMA-Adapter V1/V2 and LaVIN on a frozen LLaMA-family model."""
 
 from .generate import Sampling, generate, stream
-from .methods import AdapterV1Config, attach, count_trainable, load_adapter, save_adapter, trainable_parameters
+from .methods import (
+    AdapterV1Config,
+    AdapterV2Config,
+    attach,
+    count_trainable,
+    fold,
+    load_adapter,
+    save_adapter,
+    trainable_parameters,
+)
 from .model import KVCache, LlamaLM, ModelConfig, Tokenizer, build_model, load_pretrained
 
 __version__ = "0.1.0"
-__all__ = ["AdapterV1Config", "KVCache", "LlamaLM", "ModelConfig", "Sampling", "Tokenizer", "attach",
-           "build_model", "count_trainable", "generate", "load_adapter", "load_pretrained", "save_adapter",
-           "stream", "trainable_parameters"]
+__all__ = [
+    "AdapterV1Config", "AdapterV2Config", "KVCache", "LlamaLM", "ModelConfig", "Sampling", "Tokenizer",
+    "attach", "build_model", "count_trainable", "fold", "generate", "load_adapter", "load_pretrained",
+    "save_adapter", "stream", "trainable_parameters",
+]

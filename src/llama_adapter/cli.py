@@ -20,8 +20,9 @@ def command(name: str):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m",
-                   help="a Hugging Face folder, a .gguf file or an embedded name (default: smollm2-135m)")
+    p.add_argument("--model", default=None,
+                   help="a Hugging Face folder, a .gguf file or an embedded name (default: the adapter's base "
+                        "model, else smollm2-135m)")
     p.add_argument("--adapter", default=None, help="an adapter checkpoint folder to load on top")
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (fp16 only on a GPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
@@ -47,7 +48,12 @@ def load_model(a: argparse.Namespace):
     from llama_adapter.device import set_threads
 
     set_threads(a.threads)
-    model, tok = la.load_pretrained(a.model, dtype=a.dtype, device=a.device)
+    name = a.model
+    if name is None:
+        from llama_adapter.methods.io import read_adapter_config
+
+        name = (read_adapter_config(a.adapter).get("base_model") if a.adapter else None) or "smollm2-135m"
+    model, tok = la.load_pretrained(name, dtype=a.dtype, device=a.device)
     if a.adapter:
         la.load_adapter(model, a.adapter)
     return model, tok
@@ -120,6 +126,19 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
     print(f"done: {result.steps} steps in {result.seconds:.1f}s, last train loss {result.train_loss:.4f}, "
           f"validation loss {val}; adapter in {result.out_dir}")
+    return 0
+
+
+@command("export")
+def cmd_export(a: argparse.Namespace) -> int:
+    from llama_adapter.methods.export import export_folded
+
+    if not a.adapter:
+        raise ValueError("export needs --adapter DIR")
+    model, tok = load_model(a)
+    out = export_folded(model, tok, a.out)
+    rest = " (plus the prompt adapter in adapter/)" if (out / "adapter").is_dir() else ""
+    print(f"exported a folded model to {out}{rest}")
     return 0
 
 
@@ -201,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=120)
     d.add_argument("--images", type=int, default=800, help="synthetic training images")
+
+    ex = sub.add_parser("export", help="fold an adapter into the weights and write a Hugging Face folder")
+    add_model_args(ex)
+    ex.add_argument("--out", required=True)
 
     pc = sub.add_parser("params", help="count a recipe's trainable parameters (no weights needed)")
     pc.add_argument("--recipe", default=None)

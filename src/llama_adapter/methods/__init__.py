@@ -1,9 +1,11 @@
 """The methods: each registers itself on import."""
 
-from . import adapter_v1  # noqa: F401  (registers)
+from . import adapter_v1, adapter_v2  # noqa: F401  (register themselves)
 from .adapter_v1 import AdapterV1Config
+from .adapter_v2 import AdapterV2Config
+from .fold import fold
 from .io import load_adapter, save_adapter
 from .registry import REGISTRY, attach, count_trainable, trainable_parameters
 
-__all__ = ["REGISTRY", "AdapterV1Config", "attach", "count_trainable", "load_adapter", "save_adapter",
-           "trainable_parameters"]
+__all__ = ["REGISTRY", "AdapterV1Config", "AdapterV2Config", "attach", "count_trainable", "fold", "load_adapter",
+           "save_adapter", "trainable_parameters"]

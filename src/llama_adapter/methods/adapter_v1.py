@@ -7,12 +7,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..generate import PreparedBatch
 from ..model.llama import LlamaLM
 from ..vision import GlobalMLPProjector
 from .prefix import GATES, GatedPrefix
 from .registry import Attached, Method, register
-from .visual import VisualFrontend
+from .visual import VisualFrontend, visual_preparers
 
 VISUAL_KEY = "visual_global"
 
@@ -69,13 +68,7 @@ def attach(model: LlamaLM, cfg: AdapterV1Config) -> Attached:
             return {}
         return {VISUAL_KEY: proj(feats) * has[:, None].to(proj.fc2.weight.dtype)}
 
-    def prepare_inputs(model, ids, mask, images) -> PreparedBatch:
-        return PreparedBatch(ids, None, mask, extras(images, ids.shape[0]))
-
-    def prepare_batch(model, batch):
-        return {"input_ids": batch.input_ids,
-                "extras": extras(getattr(batch, "images", None), batch.input_ids.shape[0])}, batch.labels
-
+    prepare_inputs, prepare_batch = visual_preparers(extras)
     return Attached("adapter_v1", cfg, groups={"adapter": names}, prepare_inputs=prepare_inputs,
                     prepare_batch=prepare_batch)
 

@@ -23,16 +23,20 @@ class GatedPrefix(nn.Module):
     """A learned prompt [K, C] and its gate, used as extra keys/values of one attention layer.
 
     `add_key` names a per-example tensor in the forward context ([B, C] or [B, K, C]) that is
-    added to the prompt (visual tokens in the multimodal variants).
+    added to the prompt (visual tokens in the multimodal variants). With `row_key`, the prefix
+    acts only on the rows that the context's boolean [B] tensor of that name marks (V2's visual
+    prompts act on examples with an image, and not at all when no row has one).
     """
 
     def __init__(self, prompt_len: int, dim: int, n_heads: int, gate: str = "per_head_tanh",
-                 add_key: str | None = None, device: torch.device | str | None = None):
+                 add_key: str | None = None, device: torch.device | str | None = None,
+                 row_key: str | None = None):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
         self.gate_kind = gate
         self.add_key = add_key
+        self.row_key = row_key
         self.prompt = nn.Parameter(torch.randn(prompt_len, dim, device=device))
         self.gate = nn.Parameter(torch.zeros(n_heads if gate.startswith("per_head") else 1, device=device))
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -68,8 +72,14 @@ class GatedPrefix(nn.Module):
         return kv
 
     def forward(self, attn: Attention, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        rows = ctx.extras.get(self.row_key) if self.row_key else None
+        if self.row_key and rows is None:
+            return q.new_zeros(())
         k, v = self.keys_values(attn, q.dtype, ctx)
         B = q.shape[0]
         k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
-        return self.gate_value().to(q.dtype).view(1, -1, 1, 1) * out
+        gate = self.gate_value().to(q.dtype).view(1, -1, 1, 1)
+        if rows is not None:
+            gate = gate * rows.to(q.dtype).view(B, 1, 1, 1)
+        return gate * out

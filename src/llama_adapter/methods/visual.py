@@ -7,13 +7,14 @@ for the whole batch: rows without an image are zeros and flagged in `has_image`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..generate import PreparedBatch
 from ..model.load import cache_dir
 from ..vision import FeatureCache, VisionFeatures, load_encoder
 
@@ -59,3 +60,17 @@ class VisualFrontend(nn.Module):
             return full.index_copy(0, index, t)
 
         return VisionFeatures([scatter(g) for g in feats.globals], scatter(feats.tokens)), has
+
+
+def visual_preparers(extras: Callable[[Sequence[Any] | None, int], dict[str, Any]]):
+    """The (prepare_inputs, prepare_batch) pair of a method whose visual inputs only add context
+    entries (`extras(images, batch_size)`), for generation and for training batches alike."""
+
+    def prepare_inputs(model, ids: torch.Tensor, mask: torch.Tensor, images) -> PreparedBatch:
+        return PreparedBatch(ids, None, mask, extras(images, ids.shape[0]))
+
+    def prepare_batch(model, batch):
+        ids = batch.input_ids
+        return {"input_ids": ids, "extras": extras(getattr(batch, "images", None), ids.shape[0])}, batch.labels
+
+    return prepare_inputs, prepare_batch

@@ -1,0 +1,138 @@
+"""LLaMA-Adapter V2 (METHODS.md section 2).
+
+- Bias tuning: every linear of every block gets a per-channel scale (init 1) and bias (init
+  0), y = s (W x + b), and every RMSNorm weight trains; optional LoRA on chosen linears. All of
+  it folds into the weights afterwards (`la.fold`).
+- Late instruction prompts (zero-gated adaption prompts) in the last L layers.
+- Early fusion: with an image encoder, visual tokens (learnable queries mixed with the
+  encoder's token grid, then mapped to the model width) plus a learned prompt form a gated
+  prefix of their own in the first E layers only, E + L <= N, so the two never share a layer.
+  The visual prefix acts only on examples that have an image.
+- Disjoint groups for joint training: "visual" (projector, early prompts and gates) is trained
+  by image batches (data kinds caption, vqa); "instruction" (late prompts and gates, norms,
+  scales, biases, LoRA) by text instruction batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..model.llama import AdaptableLinear, LlamaLM
+from ..vision import VisualQueryProjector
+from .adapter_v1 import attach_prompts
+from .lora import LoRA
+from .prefix import GATES
+from .registry import Attached, Method, register
+from .visual import VisualFrontend, visual_preparers
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VISUAL_TOKENS, VISUAL_ROWS = "visual_tokens", "visual_rows"
+
+
+@dataclass
+class AdapterV2Config:
+    prompt_len: int = 10  # late instruction prompts, K
+    n_layers: int | None = None  # L: adapted top layers; None: all but the first max(E, 2)
+    gate: str = "per_head_tanh"
+    bias_scale: bool = True  # per-channel scale and bias on all seven linears of every block
+    norms: bool = True  # unfreeze every RMSNorm weight
+    lora_rank: int = 0  # 0: no LoRA
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LINEARS
+    vision: str | None = None  # image encoder spec; enables early fusion of visual tokens
+    visual_layers: int = 1  # E: the first E layers get the visual prefix
+    visual_queries: int = 10
+    visual_blocks: int = 2
+    visual_width: int | None = 256  # width of the query blocks (None: the encoder's token width; 768 in the paper)
+    feature_cache: bool = True
+
+    def __post_init__(self) -> None:
+        self.lora_targets = tuple(self.lora_targets)
+        if self.prompt_len < 1:
+            raise ValueError(f"prompt_len must be >= 1, got {self.prompt_len}")
+        if self.n_layers is not None and self.n_layers < 0:
+            raise ValueError(f"n_layers must be >= 0, got {self.n_layers}")
+        if self.gate not in GATES:
+            raise ValueError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        unknown = set(self.lora_targets) - set(LINEARS)
+        if unknown:
+            raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; choose among {', '.join(LINEARS)}")
+        if self.vision and self.visual_layers < 1:
+            raise ValueError(f"visual_layers must be >= 1 with an image encoder, got {self.visual_layers}")
+
+    def layer_split(self, model_layers: int) -> tuple[range, range]:
+        """(early visual layers, late instruction layers), refused when they would overlap."""
+        early = self.visual_layers if self.vision else 0
+        late = self.n_layers if self.n_layers is not None else model_layers - max(early, 2)
+        if early + late > model_layers:
+            raise ValueError(f"visual_layers E={early} + n_layers L={late} exceeds the model's {model_layers} "
+                             f"layers: early visual prompts and late instruction prompts must not share a layer")
+        return range(0, early), range(model_layers - late, model_layers)
+
+    def after_fold(self) -> AdapterV2Config:
+        """What remains once scales, biases, LoRA and norms are part of the base weights."""
+        return dataclasses.replace(self, bias_scale=False, norms=False, lora_rank=0)
+
+
+def _linears(model: LlamaLM):
+    for i, layer in enumerate(model.layers):
+        for name in LINEARS:
+            parent = layer.self_attn if name in LINEARS[:4] else layer.mlp
+            prefix = "self_attn" if name in LINEARS[:4] else "mlp"
+            yield f"layers.{i}.{prefix}.{name}", getattr(parent, name)
+
+
+def attach_bias_tuning(model: LlamaLM, cfg: AdapterV2Config) -> list[str]:
+    names = []
+    for path, lin in _linears(model):
+        assert isinstance(lin, AdaptableLinear)
+        dev = lin.weight.device
+        if cfg.bias_scale:
+            lin.scale = nn.Parameter(torch.ones(lin.out_features, device=dev))
+            lin.delta_bias = nn.Parameter(torch.zeros(lin.out_features, device=dev))
+            names += [f"{path}.scale", f"{path}.delta_bias"]
+        if cfg.lora_rank and path.rsplit(".", 1)[-1] in cfg.lora_targets:
+            lin.lora = LoRA(lin.in_features, lin.out_features, cfg.lora_rank, cfg.lora_alpha, device=dev)
+            names += [f"{path}.lora.A", f"{path}.lora.B"]
+    if cfg.norms:
+        names += [n for n, _ in model.named_parameters() if n.endswith("layernorm.weight") or n == "norm.weight"]
+    return names
+
+
+def attach(model: LlamaLM, cfg: AdapterV2Config) -> Attached:
+    early, late = cfg.layer_split(model.config.n_layers)
+    instruction = attach_bias_tuning(model, cfg)
+    instruction += attach_prompts(model, late, cfg.prompt_len, cfg.gate)
+    if not cfg.vision:
+        return Attached("adapter_v2", cfg, groups={"instruction": instruction})
+
+    frontend = VisualFrontend(cfg.vision, cfg.feature_cache).to(model.device)
+    enc = frontend.encoder
+    proj = VisualQueryProjector(enc.token_dim, model.config.dim, n_queries=cfg.visual_queries,
+                                n_blocks=cfg.visual_blocks, width=cfg.visual_width).to(model.device)
+    model.visual = nn.ModuleDict({"frontend": frontend, "proj": proj})
+    visual = [f"visual.proj.{n}" for n, _ in proj.named_parameters()]
+    for i in early:
+        attach_prompts(model, range(i, i + 1), cfg.visual_queries, cfg.gate, VISUAL_TOKENS)
+        model.layers[i].self_attn.prefix.row_key = VISUAL_ROWS
+        visual += [f"layers.{i}.self_attn.prefix.prompt", f"layers.{i}.self_attn.prefix.gate"]
+
+    def extras(images, batch_size: int) -> dict:
+        feats, has = frontend.features(images, batch_size, model.device)
+        if feats is None:
+            return {}
+        return {VISUAL_TOKENS: proj(feats), VISUAL_ROWS: has}
+
+    prepare_inputs, prepare_batch = visual_preparers(extras)
+    return Attached("adapter_v2", cfg, groups={"instruction": instruction, "visual": visual},
+                    kind_groups={"instruction": ["instruction"], "caption": ["visual"], "vqa": ["visual"]},
+                    prepare_inputs=prepare_inputs, prepare_batch=prepare_batch)
+
+
+METHOD = register(Method("adapter_v2", AdapterV2Config, attach))
