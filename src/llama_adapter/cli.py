@@ -62,17 +62,29 @@ def load_model(a: argparse.Namespace):
 @command("generate")
 def cmd_generate(a: argparse.Namespace) -> int:
     import llama_adapter as la
+    from llama_adapter.experts import expert_prompt_ids, load_expert
+    from llama_adapter.generate import Sampling, stream_ids
 
     model, tok = load_model(a)
     chat = tok.has_chat_template if a.chat is None else a.chat
     prompts = a.prompt or [sys.stdin.read()]
-    images = a.image or None
+    images = a.image or []
+    if len(images) > len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    experts = [load_expert(s) for s in a.expert]
+    sees = getattr(model.adapter, "prepare_inputs", None) is not None
     for i, prompt in enumerate(prompts):
         if len(prompts) > 1:
             print(f"### {i + 1}: {prompt}")
-        imgs = [images[i]] if images and i < len(images) else None
-        for deltas in la.stream(model, tok, [prompt], images=imgs, chat=chat, **sampling_kwargs(a)):
-            print(deltas[0], end="", flush=True)
+        image = images[i] if i < len(images) else None
+        if experts:
+            ids = expert_prompt_ids(tok, prompt, image, experts, "chat" if chat else "alpaca")
+            pieces = stream_ids(model, tok, ids, Sampling(**sampling_kwargs(a)), image if sees else None)
+        else:
+            pieces = (d[0] for d in la.stream(model, tok, [prompt], images=None if image is None else [image],
+                                             chat=chat, **sampling_kwargs(a)))
+        for piece in pieces:
+            print(piece, end="", flush=True)
         print()
     return 0
 
@@ -192,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     g.add_argument("--prompt", action="append", help="a prompt (repeatable); default: read stdin")
     g.add_argument("--image", action="append", help="an image for the prompt of the same position")
+    g.add_argument("--expert", action="append", default=[],
+                   help="ocr, caption:ADAPTER_DIR or precomputed:FILE.json: its text about the image goes into "
+                        "the instruction's context (repeatable)")
     g.add_argument("--chat", dest="chat", action="store_true", default=None,
                    help="wrap the prompt in the chat template (default: when the model has one)")
     g.add_argument("--no-chat", dest="chat", action="store_false")

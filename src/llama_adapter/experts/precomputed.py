@@ -1,0 +1,42 @@
+"""Expert texts computed beforehand and kept in JSON, keyed by image id: ScienceQA's
+captions.json ({"captions": {pid: text}}) and ocrs.json ({"texts": {pid: [[box, text, conf], ...]}}),
+or a plain {id: text} mapping. An image's id is its folder name (images/<pid>/image.png) or,
+failing that, its file stem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class PrecomputedExpert:
+    def __init__(self, path: str | Path, prefix: str | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"expert file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if "captions" in data:
+            self.texts = {str(k): str(v) for k, v in data["captions"].items()}
+            default_prefix = "Image caption: "
+        elif "texts" in data:
+            self.texts = {str(k): " ".join(str(item[1]) for item in v) for k, v in data["texts"].items()}
+            default_prefix = "Text in the image: "
+        elif isinstance(data, dict):
+            self.texts = {str(k): str(v) for k, v in data.items()}
+            default_prefix = ""
+        else:
+            raise ValueError(f"{path}: expected a JSON object of id -> text")
+        self.name = f"precomputed:{path.name}"
+        self.prefix = default_prefix if prefix is None else prefix
+
+    def key(self, image: Any) -> str:
+        p = Path(str(image))
+        return p.parent.name if p.parent.name in self.texts else p.stem
+
+    def describe(self, image: Any) -> str:
+        text = self.texts.get(self.key(image), "").strip()
+        return self.prefix + text if text else ""
