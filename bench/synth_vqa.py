@@ -23,12 +23,14 @@ from common import machine_info, write_results  # noqa: E402
 
 import llama_adapter as la  # noqa: E402
 from llama_adapter.data.synth import synthesize  # noqa: E402
+from llama_adapter.eval.nll import held_out_alpaca, response_nll  # noqa: E402
 from llama_adapter.eval.vqa import evaluate_vqa  # noqa: E402
 from llama_adapter.recipe import load_recipe  # noqa: E402
 from llama_adapter.train.run import run_recipe  # noqa: E402
 from llama_adapter.vision import blank_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+ALPACA = ROOT.parent / "shared" / "data" / "alpaca"
 CHANCE = {"colour": 1 / 6, "shape": 1 / 3, "colour_of": 1 / 6, "count": 1 / 4, "position": 1 / 2, "yes_no": 1 / 2}
 
 
@@ -39,6 +41,8 @@ def main() -> None:
     ap.add_argument("--synth", default="runs/synth")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--alpaca-nll", type=int, default=0,
+                    help="also measure the held-out Alpaca response NLL on this many records")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -58,11 +62,16 @@ def main() -> None:
                           limit=args.test_limit)
     blind = evaluate_vqa(model, tok, synth / "llava_test.json", src.template, src.image_placeholder,
                          image_override=lambda _: blank, limit=args.test_limit)
+    nll = None
+    if args.alpaca_nll:
+        held = held_out_alpaca(ALPACA / "alpaca_data_1k.json", ALPACA / "alpaca_small_2k.json", args.alpaca_nll)
+        nll = response_nll(model, tok, held)
     eval_seconds = time.perf_counter() - t1
     figures = {
         "method": recipe.method, "steps": result.steps, "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1), "trainable_parameters": la.count_trainable(model),
-        "final_train_loss": result.train_loss, "accuracy_with_image": looked.by_type,
+        "final_train_loss": result.train_loss, "held_out_alpaca_response_nll": nll,
+        "accuracy_with_image": looked.by_type,
         "accuracy_blank_image": blind.by_type, "overall_with_image": looked.accuracy,
         "overall_blank_image": blind.accuracy, "counts": looked.counts, "chance": CHANCE,
         "single_shape_colour_and_shape_with_image": (
@@ -79,7 +88,9 @@ def main() -> None:
     cmd = "python bench/synth_vqa.py " + " ".join(sys.argv[1:])
     table = (f"{recipe.method['name']} ({', '.join(f'{k}={v}' for k, v in recipe.method.items() if k != 'name')}), "
              f"{result.steps} steps, trained in {train_seconds / 60:.1f} min on this CPU; "
-             f"{la.count_trainable(model):,} trainable parameters.\n\n" + "\n".join(rows)
+             f"{la.count_trainable(model):,} trainable parameters."
+             + (f" Held-out Alpaca response NLL ({args.alpaca_nll} records): {nll:.3f}." if nll is not None else "")
+             + "\n\n" + "\n".join(rows)
              + f"\n\nCommand: `{cmd}`\n")
     write_results(args.name, figures, table, machine_info())
     print(table)

@@ -22,34 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_results  # noqa: E402
 
 import llama_adapter as la  # noqa: E402
-from llama_adapter.data.formats import read_alpaca  # noqa: E402
-from llama_adapter.data.instructions import encode_records  # noqa: E402
-from llama_adapter.data.sources import DataConfig  # noqa: E402
 from llama_adapter.data.templates import alpaca_prompt  # noqa: E402
-from llama_adapter.data.tokenize import collate  # noqa: E402
+from llama_adapter.eval.nll import held_out_alpaca, response_nll  # noqa: E402
 from llama_adapter.recipe import load_recipe  # noqa: E402
 from llama_adapter.train.run import run_recipe  # noqa: E402
-from llama_adapter.train.trainer import lm_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "alpaca"
-
-
-def held_out_records(n: int):
-    seen = {r.instruction for r in read_alpaca(DATA / "alpaca_data_1k.json")}
-    return [r for r in read_alpaca(DATA / "alpaca_small_2k.json") if r.instruction not in seen][:n]
-
-
-@torch.no_grad()
-def response_nll(model, tok, records, max_len: int = 256, batch: int = 8) -> float:
-    examples = encode_records(records, tok, DataConfig(train="-", max_len=max_len, on_long_prompt="skip"))
-    total, tokens = 0.0, 0
-    model.eval()
-    for i in range(0, len(examples), batch):
-        b = collate(examples[i: i + batch], tok.pad_id)
-        total += float(lm_loss(model, b))
-        tokens += b.n_label_tokens
-    return total / tokens
 
 
 def main() -> None:
@@ -64,7 +43,7 @@ def main() -> None:
                          [f"data.train={DATA / 'alpaca_data_1k.json'}", f"train.max_steps={args.steps}",
                           f"train.out_dir={args.out}", "train.resume=false"])
     shutil.rmtree(args.out, ignore_errors=True)
-    held = held_out_records(args.eval_records)
+    held = held_out_alpaca(DATA / "alpaca_data_1k.json", DATA / "alpaca_small_2k.json", args.eval_records)
     demo = held[:5]
     prompts = [alpaca_prompt(r.instruction, r.input) for r in demo]
 

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="fine-tune V1 multimodal on synthetic images and answer questions about them")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=120)
+    d.add_argument("--steps", type=int, default=160)
     d.add_argument("--images", type=int, default=800, help="synthetic training images")
 
     ex = sub.add_parser("export", help="fold an adapter into the weights and write a Hugging Face folder")

@@ -14,7 +14,7 @@ from pathlib import Path
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "v1mm_smollm2_synth_cpu.yaml"
 
 
-def run_demo(out: str = "runs/demo", steps: int = 120, n_images: int = 800, n_show: int = 8) -> int:
+def run_demo(out: str = "runs/demo", steps: int = 160, n_images: int = 800, n_show: int = 8) -> int:
     from .data.multimodal import prompt_ids, read_llava
     from .data.synth import normalise_answer, synthesize
     from .eval.vqa import evaluate_vqa
