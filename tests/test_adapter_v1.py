@@ -188,7 +188,8 @@ def test_save_and_load_adapter_round_trip(tiny, tiny_folder, tmp_path):
 
     meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert meta["method"] == "adapter_v1" and meta["base_model"] == str(tiny_folder)
-    assert meta["config"] == {"prompt_len": 4, "n_layers": 3, "gate": "per_head_tanh"}
+    assert {k: meta["config"][k] for k in ("prompt_len", "n_layers", "gate", "vision")} == \
+        {"prompt_len": 4, "n_layers": 3, "gate": "per_head_tanh", "vision": None}
 
 
 def test_load_adapter_errors_name_the_problem(tiny, tmp_path):

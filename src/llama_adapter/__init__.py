@@ -4,6 +4,7 @@ from .generate import Sampling, generate, stream
 from .methods import (
     AdapterV1Config,
     AdapterV2Config,
+    LavinConfig,
     attach,
     count_trainable,
     fold,
@@ -15,7 +16,7 @@ from .model import KVCache, LlamaLM, ModelConfig, Tokenizer, build_model, load_p
 
 __version__ = "0.1.0"
 __all__ = [
-    "AdapterV1Config", "AdapterV2Config", "KVCache", "LlamaLM", "ModelConfig", "Sampling", "Tokenizer",
-    "attach", "build_model", "count_trainable", "fold", "generate", "load_adapter", "load_pretrained",
+    "AdapterV1Config", "AdapterV2Config", "KVCache", "LavinConfig", "LlamaLM", "ModelConfig", "Sampling",
+    "Tokenizer", "attach", "build_model", "count_trainable", "fold", "generate", "load_adapter", "load_pretrained",
     "save_adapter", "stream", "trainable_parameters",
 ]

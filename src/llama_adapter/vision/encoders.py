@@ -193,6 +193,15 @@ class ImageEncoder(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
+# Published ViT shapes (family, transformers vision config) for `load_encoder("shape:<name>")`.
+VIT_SHAPES: dict[str, tuple[str, dict]] = {
+    "clip-vit-l-14": ("clip", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                   num_attention_heads=16, image_size=224, patch_size=14)),
+    "clip-vit-b-16": ("clip", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                   num_attention_heads=12, image_size=224, patch_size=16)),
+}
+
+
 def default_vit_layers(n_layers: int) -> list[int]:
     """Every fourth layer counting back from the last (24 layers -> 4, 8, ..., 24, as in LaVIN)."""
     return list(range(n_layers, 0, -4))[::-1]
@@ -223,6 +232,7 @@ class _HFViTEncoder(ImageEncoder):
 
     family: str
     has_cls: bool
+    random_init = False  # a shape preset (from_shape): refuses to encode
 
     def __init__(self, folder: str | Path, layers: Sequence[int] | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -234,11 +244,43 @@ class _HFViTEncoder(ImageEncoder):
             raise FileNotFoundError(f"{self.family} folder {path} has no preprocessor_config.json "
                                     f"(save the image processor with save_pretrained next to the model)")
         model_cls, proc_cls = self._classes()
-        self.model = model_cls.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-        self.processor = proc_cls.from_pretrained(str(path), local_files_only=True)
+        self._setup(model_cls.from_pretrained(str(path), dtype=dtype, local_files_only=True),
+                    proc_cls.from_pretrained(str(path), local_files_only=True), f"{self.family}:{path}", layers)
+
+    @classmethod
+    def from_shape(cls, shape: str, layers: Sequence[int] | None = None) -> _HFViTEncoder:
+        """A random-init encoder of a published shape (VIT_SHAPES): counts parameters without weights,
+        also on the meta device (`with torch.device("meta")`)."""
+        if shape not in VIT_SHAPES or VIT_SHAPES[shape][0] != cls.family:
+            known = [k for k, (fam, _) in VIT_SHAPES.items() if fam == cls.family]
+            raise ValueError(f"unknown {cls.family} shape {shape!r}; known: {', '.join(known)}")
+        enc = cls.__new__(cls)
+        ImageEncoder.__init__(enc)
+        model_cls, proc_cls = enc._classes()
+        config = model_cls.config_class(**VIT_SHAPES[shape][1])
+        size = config.image_size
+        if cls.family == "clip":
+            proc = proc_cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        else:
+            proc = proc_cls(size={"height": size, "width": size})
+        enc._setup(model_cls(config).eval(), proc, f"shape:{shape}", layers)
+        enc.random_init = True
+        return enc
+
+    def forward(self, pixels: torch.Tensor) -> VisionFeatures:
+        if self.random_init:  # a shape preset must never train or answer silently
+            raise ValueError(f"{self.name} is a random-init encoder for counting parameters; give the real "
+                             f"weights (clip:<folder>) to encode images")
+        out = self.model(pixel_values=pixels, output_hidden_states=True)
+        hidden = out.hidden_states  # [0] = embeddings, [i] = after layer i
+        return VisionFeatures([self._pool(hidden[i]) for i in self.layers], self._final_tokens(out))
+
+    def _setup(self, model: nn.Module, processor, name: str, layers: Sequence[int] | None) -> None:
+        self.model = model
+        self.processor = processor
         cfg = self.model.config
         self.layers = _check_layers(layers, cfg.num_hidden_layers)
-        self.name = f"{self.family}:{path}"
+        self.name = name
         self.image_size = int(cfg.image_size)
         self.n_tokens = (self.image_size // cfg.patch_size) ** 2
         self.token_dim = int(cfg.hidden_size)
@@ -246,7 +288,7 @@ class _HFViTEncoder(ImageEncoder):
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
         got = tuple(self.preprocess([Image.new("RGB", (7, 5))]).shape[-2:])
         if got != (self.image_size, self.image_size):
-            raise ValueError(f"{path}: the image processor makes {got} pixels but the model expects "
+            raise ValueError(f"{name}: the image processor makes {got} pixels but the model expects "
                              f"{self.image_size}x{self.image_size}")
         self.freeze()
 
@@ -268,11 +310,6 @@ class _HFViTEncoder(ImageEncoder):
 
     def _final_tokens(self, out) -> torch.Tensor:
         raise NotImplementedError
-
-    def forward(self, pixels: torch.Tensor) -> VisionFeatures:
-        out = self.model(pixel_values=pixels, output_hidden_states=True)
-        hidden = out.hidden_states  # [0] = embeddings, [i] = after layer i
-        return VisionFeatures([self._pool(hidden[i]) for i in self.layers], self._final_tokens(out))
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -455,7 +492,8 @@ def _vit_family(folder: Path) -> str:
 
 
 def load_encoder(spec: str = DEFAULT_ENCODER, layers: Sequence[int] | None = None) -> ImageEncoder:
-    """Build an encoder from a spec: "efficientnet-lite0", "clip:<folder>", "siglip:<folder>" or a folder.
+    """Build an encoder from a spec: "efficientnet-lite0", "clip:<folder>", "siglip:<folder>", a folder, or
+    "shape:<name>" (a random-init ViT of a published shape, for parameter counting: VIT_SHAPES).
 
     A bare folder is recognised as CLIP or SigLIP from its config.json `model_type`. `layers`
     (ViTs only) chooses the tapped layers; default every fourth from the last.
@@ -466,6 +504,10 @@ def load_encoder(spec: str = DEFAULT_ENCODER, layers: Sequence[int] | None = Non
             raise ValueError("efficientnet-lite0 has fixed taps; `layers` applies to CLIP/SigLIP only")
         return EfficientNetLite0Encoder()
     kind, sep, rest = spec.partition(":")
+    if sep and kind == "shape":
+        if rest not in VIT_SHAPES:
+            raise ValueError(f"unknown encoder shape {rest!r}; known: {', '.join(VIT_SHAPES)}")
+        return (CLIPEncoder if VIT_SHAPES[rest][0] == "clip" else SiglipEncoder).from_shape(rest, layers)
     if sep and kind in ("clip", "siglip"):
         if not rest:
             raise ValueError(f"encoder spec {spec!r} lacks a folder after '{kind}:'")
