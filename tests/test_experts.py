@@ -33,6 +33,9 @@ def test_precomputed_scienceqa_layouts(tmp_path):
     assert PrecomputedExpert(captions).describe(image) == "Image caption: A map of the United States."
     assert PrecomputedExpert(ocrs).describe(image) == "Text in the image: Ohio Texas"
     assert PrecomputedExpert(ocrs).describe(tmp_path / "images" / "99" / "image.png") == ""
+    literal = tmp_path / "ocrs_literal.json"  # the layout of ScienceQA's own ocrs.json
+    literal.write_text(json.dumps({"texts": {"17": "[([[0, 0], [1, 1]], 'Ohio', 0.9)]", "18": ""}}))
+    assert PrecomputedExpert(literal).describe(image) == "Text in the image: Ohio"
     with pytest.raises(FileNotFoundError, match="nothere.json"):
         load_expert(f"precomputed:{tmp_path / 'nothere.json'}")
     with pytest.raises(ValueError, match="unknown expert 'detector'"):

@@ -188,6 +188,36 @@ def cmd_data(a: argparse.Namespace) -> int:
     return 0
 
 
+@command("eval")
+def cmd_eval(a: argparse.Namespace) -> int:
+    from llama_adapter.eval.scienceqa import (
+        PROTOCOLS,
+        evaluate_scienceqa,
+        format_result,
+        load_scienceqa,
+        write_predictions,
+    )
+
+    missing = a.missing_images or ("text" if a.protocol == "dev-train" else "error")
+    split = a.split or ("dev" if a.protocol == "dev-val" else None)  # validation problems are all dev problems
+    problems = load_scienceqa(a.problems, a.images, split=split, missing_images=missing)
+    if a.protocol:
+        problems = PROTOCOLS[a.protocol](problems)
+    problems = problems[:a.limit] if a.limit else problems
+    if not problems:
+        raise ValueError("no problems left to evaluate (check --split / --protocol)")
+    model, tok = load_model(a)
+    template = a.template or ("chat" if tok.has_chat_template else "plain")
+    result = evaluate_scienceqa(model, tok, problems, mode=a.mode, template=template, experts=a.expert,
+                                batch_size=a.batch_size, image_placeholder=a.image_placeholder,
+                                max_new_tokens=a.max_new_tokens)
+    print(format_result(result))
+    if a.out:
+        write_predictions(result, a.out)
+        print(f"predictions written to {a.out}")
+    return 0
+
+
 @command("demo")
 def cmd_demo(a: argparse.Namespace) -> int:
     from llama_adapter.demo import run_demo
@@ -230,6 +260,33 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--image-size", type=int, default=224)
     syn.add_argument("--ocr-words", type=int, default=None, help="rendered-word training images (default n/4)")
     syn.add_argument("--overwrite", action="store_true")
+
+    ev = sub.add_parser("eval", help="evaluate on a benchmark")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    sq = ev_sub.add_parser("scienceqa", help="ScienceQA accuracy overall and per group (NAT SOC LAN TXT IMG NO "
+                                             "G1-6 G7-12)")
+    add_model_args(sq)
+    sq.add_argument("--problems", required=True, help="problems.json (official or shared layout)")
+    sq.add_argument("--images", default=None, help="the images folder (images/<pid>/ or images/<split>/<pid>/); "
+                                                   "without it the problems are given as text only")
+    sq.add_argument("--split", default=None, help="keep one split (e.g. dev, test, val)")
+    sq.add_argument("--protocol", choices=("dev-val", "dev-train"), default=None,
+                    help="the development protocol's validation or training problems")
+    sq.add_argument("--mode", choices=("generate", "ranked"), default="generate",
+                    help="generate and parse the answer, or rank the choices by likelihood")
+    sq.add_argument("--template", choices=("chat", "plain"), default=None,
+                    help="prompt layout, as in training (default: chat when the model has a chat template)")
+    sq.add_argument("--image-placeholder", default="", help="text put before the question of image problems")
+    sq.add_argument("--expert", action="append", default=[],
+                    help="ocr, caption:ADAPTER_DIR or precomputed:FILE.json (e.g. ScienceQA's captions.json): "
+                         "its text about the image goes into the context (repeatable)")
+    sq.add_argument("--missing-images", choices=("error", "text"), default=None,
+                    help="a problem whose image file is missing: an error, or text only (default: error, text "
+                         "with --protocol dev-train)")
+    sq.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    sq.add_argument("--batch-size", type=int, default=8)
+    sq.add_argument("--max-new-tokens", type=int, default=16)
+    sq.add_argument("--out", default=None, help="write per-problem predictions (JSONL)")
 
     d = sub.add_parser("demo", help="fine-tune V1 multimodal on synthetic images and answer questions about them")
     d.add_argument("--out", default="runs/demo")

@@ -1,5 +1,20 @@
-"""Evaluation: visual question answering by question type (more to come: ScienceQA, captions)."""
+"""Evaluation: visual question answering by question type, ScienceQA, caption metrics (BLEU-4, CIDEr-D)."""
 
+from .captions import bleu, bleu4, cider_d, cider_d_scores
+from .scienceqa import (
+    Problem,
+    ScienceQAResult,
+    dev_protocol_train,
+    dev_protocol_val,
+    evaluate_scienceqa,
+    load_scienceqa,
+    parse_answer,
+    scienceqa_conversations,
+    scienceqa_to_llava,
+    write_predictions,
+)
 from .vqa import VQAResult, evaluate_vqa
 
-__all__ = ["VQAResult", "evaluate_vqa"]
+__all__ = ["Problem", "ScienceQAResult", "VQAResult", "bleu", "bleu4", "cider_d", "cider_d_scores",
+           "dev_protocol_train", "dev_protocol_val", "evaluate_scienceqa", "evaluate_vqa", "load_scienceqa",
+           "parse_answer", "scienceqa_conversations", "scienceqa_to_llava", "write_predictions"]

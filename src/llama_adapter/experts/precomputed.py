@@ -5,6 +5,7 @@ failing that, its file stem."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ class PrecomputedExpert:
             self.texts = {str(k): str(v) for k, v in data["captions"].items()}
             default_prefix = "Image caption: "
         elif "texts" in data:
-            self.texts = {str(k): " ".join(str(item[1]) for item in v) for k, v in data["texts"].items()}
+            self.texts = {str(k): " ".join(str(item[1]) for item in _detections(v, path, k))
+                          for k, v in data["texts"].items()}
             default_prefix = "Text in the image: "
         elif isinstance(data, dict):
             self.texts = {str(k): str(v) for k, v in data.items()}
@@ -40,3 +42,16 @@ class PrecomputedExpert:
     def describe(self, image: Any) -> str:
         text = self.texts.get(self.key(image), "").strip()
         return self.prefix + text if text else ""
+
+
+def _detections(value: Any, path: Path, key: str) -> list:
+    """OCR detections [[box, text, confidence], ...]; ScienceQA's ocrs.json stores each list as
+    the text of a Python literal, which is parsed as a literal (never evaluated as code)."""
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value) if value.strip() else []
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"{path}: entry {key!r} is neither a list nor a list literal: {e}") from e
+    if not isinstance(value, (list, tuple)) or any(not isinstance(i, (list, tuple)) or len(i) < 2 for i in value):
+        raise ValueError(f"{path}: entry {key!r} is not a list of [box, text, confidence]")
+    return list(value)
