@@ -82,3 +82,14 @@ def atomic_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Parse a JSON file; a missing file or bad JSON is an error naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e

@@ -32,10 +32,11 @@ from ..data.multimodal import Conversation, MultimodalExample, collate_multimoda
 from ..data.tokenize import IGNORE
 from ..experts.base import Expert, load_expert, with_context
 from ..experts.precomputed import PrecomputedExpert
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, read_json
 from ..generate import Sampling, complete_ids
 from ..model.llama import LlamaLM
 from ..model.tokenizer import Tokenizer
+from ..train.trainer import label_logits
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GROUPS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
@@ -127,12 +128,7 @@ def load_scienceqa(problems: str | Path, images: str | Path | None = None, split
     if missing_images not in MISSING_IMAGES:
         raise ValueError(f"missing_images must be one of {', '.join(MISSING_IMAGES)}, got {missing_images!r}")
     path = Path(problems)
-    if not path.is_file():
-        raise FileNotFoundError(f"ScienceQA problems file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    data = read_json(path, "ScienceQA problems file")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object pid -> problem")
     image_dir = Path(images) if images is not None else None
@@ -142,7 +138,7 @@ def load_scienceqa(problems: str | Path, images: str | Path | None = None, split
     split_of: dict[str, str] = {}
     chosen: set[str] | None = None
     if splits_path.is_file():
-        table = json.loads(splits_path.read_text())
+        table = read_json(splits_path, "pid_splits.json")
         for name in ("train", "val", "test"):  # the base splits (the file also lists trainval, minival, ...)
             split_of.update({str(p): name for p in table.get(name, [])})
         if split is not None and split in table:
@@ -406,16 +402,9 @@ def sequence_logprobs(model: LlamaLM, tok: Tokenizer, examples: Sequence[Multimo
     the trainer lays it out (the method's `prepare_batch`, which puts the image where training and generation
     put it)."""
     batch = collate_multimodal(list(examples), tok.pad_id).to(model.device)
-    prepare = getattr(model.adapter, "prepare_batch", None)
-    if prepare is not None:
-        inputs, labels = prepare(model, batch)
-    else:
-        inputs, labels = {"input_ids": batch.input_ids}, batch.labels
-    target = labels[:, 1:] != IGNORE
-    logits = model(**inputs, output_positions=torch.nn.functional.pad(target, (0, 1)))
-    logp = logits.float().log_softmax(-1).gather(-1, labels[:, 1:][target][:, None]).squeeze(-1)
-    rows = target.nonzero()[:, 0]
-    sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=logp.device).index_add_(0, rows, logp.double())
+    logits, targets, rows = label_logits(model, batch)
+    logp = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    sums = torch.zeros(len(examples), dtype=torch.float64, device=logp.device).index_add_(0, rows, logp.double())
     return sums.tolist()
 
 

@@ -6,20 +6,18 @@ failing that, its file stem."""
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 from typing import Any
+
+from ..fileio import read_json
 
 
 class PrecomputedExpert:
     def __init__(self, path: str | Path, prefix: str | None = None):
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"expert file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        data = read_json(path, "expert file")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of id -> text")
         if "captions" in data:
             self.texts = {str(k): str(v) for k, v in data["captions"].items()}
             default_prefix = "Image caption: "
@@ -27,11 +25,9 @@ class PrecomputedExpert:
             self.texts = {str(k): " ".join(str(item[1]) for item in _detections(v, path, k))
                           for k, v in data["texts"].items()}
             default_prefix = "Text in the image: "
-        elif isinstance(data, dict):
+        else:
             self.texts = {str(k): str(v) for k, v in data.items()}
             default_prefix = ""
-        else:
-            raise ValueError(f"{path}: expected a JSON object of id -> text")
         self.name = f"precomputed:{path.name}"
         self.prefix = default_prefix if prefix is None else prefix
 

@@ -4,14 +4,13 @@ the base model and the method. Loading never unpickles anything."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..fileio import atomic_write, atomic_write_json
+from ..fileio import atomic_write, atomic_write_json, read_json
 from ..model.llama import LlamaLM
 from .registry import attach, config_from_dict, trainable_parameters
 
@@ -45,12 +44,7 @@ def save_adapter(model: LlamaLM, folder: str | Path) -> Path:
 
 def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"no adapter checkpoint in {folder} (looked for {path})")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    meta = read_json(path, f"no adapter checkpoint in {folder}: adapter config")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported adapter format_version {meta.get('format_version')!r}")
     return meta

@@ -30,17 +30,23 @@ from .runlog import RunLog, plot_losses
 from .schedule import lr_at
 
 
-def lm_loss(model: LlamaLM, batch: Batch) -> torch.Tensor:
-    """Summed next-token cross-entropy over label positions; the output head runs only there."""
+def label_logits(model: LlamaLM, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [N, vocab], targets [N], row of each [N]) at the N positions whose next token is a
+    label, laid out by the attached method (images, inserted tokens); the output head runs only there."""
     prepare = getattr(model.adapter, "prepare_batch", None)
     if prepare is not None:
         inputs, labels = prepare(model, batch)
     else:
         inputs, labels = {"input_ids": batch.input_ids}, batch.labels
     target_mask = labels[:, 1:] != IGNORE
-    positions = F.pad(target_mask, (0, 1))
-    logits = model(**inputs, output_positions=positions)
-    return F.cross_entropy(logits.float(), labels[:, 1:][target_mask], reduction="sum")
+    logits = model(**inputs, output_positions=F.pad(target_mask, (0, 1)))
+    return logits, labels[:, 1:][target_mask], target_mask.nonzero()[:, 0]
+
+
+def lm_loss(model: LlamaLM, batch: Batch) -> torch.Tensor:
+    """Summed next-token cross-entropy over label positions."""
+    logits, targets, _ = label_logits(model, batch)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 class BatchSampler:
