@@ -79,7 +79,7 @@ def build(impl: str, config: str):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return float(loss)
+            return float(loss.detach())
     else:
         from peft import AdaptionPromptConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -103,7 +103,7 @@ def build(impl: str, config: str):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return float(loss)
+            return float(loss.detach())
     return step, sum(p.numel() for p in params.values()), batch
 
 
@@ -112,13 +112,25 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss_bytes() -> int:
+    """VmHWM: the peak resident set size since the last reset."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def memory_probe(impl: str, config: str) -> None:
-    """Run in a subprocess: print the peak RSS of one training step above the loaded model."""
+    """Run in a subprocess: the peak RSS of training steps above the loaded model. The peak is
+    reset after loading (writing 5 to /proc/self/clear_refs), so load-time spikes do not count."""
     torch.set_num_threads(2)
     step, _, _ = build(impl, config)
     before = rss_bytes()
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    for _ in range(2):  # the second step also holds the optimizer state
+        step()
+    peak = peak_rss_bytes()
     print(json.dumps({"peak_above_loaded": peak - before, "loaded": before, "peak": peak}))
 
 

@@ -13,10 +13,12 @@ from .methods import (
     trainable_parameters,
 )
 from .model import KVCache, LlamaLM, ModelConfig, Tokenizer, build_model, load_pretrained
+from .model.fastpath import disable_compiled_decode, enable_compiled_decode
 
 __version__ = "0.1.0"
 __all__ = [
     "AdapterV1Config", "AdapterV2Config", "KVCache", "LavinConfig", "LlamaLM", "ModelConfig", "Sampling",
-    "Tokenizer", "attach", "build_model", "count_trainable", "fold", "generate", "load_adapter", "load_pretrained",
+    "Tokenizer", "attach", "build_model", "count_trainable", "disable_compiled_decode", "enable_compiled_decode",
+    "fold", "generate", "load_adapter", "load_pretrained",
     "save_adapter", "stream", "trainable_parameters",
 ]

@@ -27,6 +27,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (fp16 only on a GPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile; plain or folded models only, else eager)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +58,10 @@ def load_model(a: argparse.Namespace):
     model, tok = la.load_pretrained(name, dtype=a.dtype, device=a.device)
     if a.adapter:
         la.load_adapter(model, a.adapter)
+    if getattr(a, "compile", False):
+        from llama_adapter.model.fastpath import enable_compiled_decode
+
+        enable_compiled_decode(model)
     return model, tok
 
 

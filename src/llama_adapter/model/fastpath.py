@@ -53,35 +53,54 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def _layer_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-                cache_k: torch.Tensor, cache_v: torch.Tensor, write_at: torch.Tensor,
-                norm1: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
-                bq: torch.Tensor | None, bk: torch.Tensor | None, bv: torch.Tensor | None, bo: torch.Tensor | None,
-                norm2: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
-                bg: torch.Tensor | None, bu: torch.Tensor | None, bd: torch.Tensor | None,
-                eps1: float, eps2: float, n_heads: int, use_gemv: bool) -> torch.Tensor:
+def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, write_at: torch.Tensor,
+           n_heads: int, eps: tuple[float, float], use_gemv: bool, cache_k: torch.Tensor, cache_v: torch.Tensor,
+           norm1: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
+           bq: torch.Tensor | None, bk: torch.Tensor | None, bv: torch.Tensor | None, bo: torch.Tensor | None,
+           norm2: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
+           bg: torch.Tensor | None, bu: torch.Tensor | None, bd: torch.Tensor | None) -> torch.Tensor:
     """One decoder block for one token per row: x [B, C] -> [B, C].
 
     Writes the step's keys/values at position `write_at` (a 1-element long tensor) of the
     layer's caches [B, G, S, d] and attends over all S positions, masked by the additive
-    `bias` [B, 1, 1, S], so every shape is fixed and one graph serves every layer and step.
+    `bias` [B, 1, 1, S], so every shape is fixed and one graph serves every step.
     """
     lin = _gemv if use_gemv else F.linear
     B = x.shape[0]
     G, d = cache_k.shape[1], cache_k.shape[3]
-    h = _rms(x, norm1, eps1)
+    h = _rms(x, norm1, eps[0])
     q = lin(h, wq, bq).view(B, n_heads, d)
     k = lin(h, wk, bk).view(B, G, d)
     v = lin(h, wv, bv).view(B, G, d)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     cache_k.index_copy_(2, write_at, k.unsqueeze(2))
     cache_v.index_copy_(2, write_at, v.unsqueeze(2))
-    qg = q.view(B, G, n_heads // G, d).float()
-    scores = torch.matmul(qg, cache_k.float().transpose(-1, -2)) * (d ** -0.5) + bias  # [B, G, rep, S]
-    out = torch.matmul(scores.softmax(-1), cache_v.float()).to(x.dtype).reshape(B, n_heads * d)
+    # Attention of one query per head as multiply-and-sum: inductor fuses it with the softmax.
+    qg = q.view(B, G, n_heads // G, 1, d).float()
+    scores = (qg * cache_k.float().unsqueeze(2)).sum(-1) * (d ** -0.5) + bias  # [B, G, rep, S]
+    probs = scores.softmax(-1).unsqueeze(-1)  # [B, G, rep, S, 1]
+    out = (probs * cache_v.float().unsqueeze(2)).sum(-2).to(x.dtype).reshape(B, n_heads * d)
     x = x + lin(out, wo, bo)
-    h = _rms(x, norm2, eps2)
+    h = _rms(x, norm2, eps[1])
     return x + lin(F.silu(lin(h, wg, bg)) * lin(h, wu, bu), wd, bd)
+
+
+def _group_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                write_at: torch.Tensor, n_heads: int, eps: tuple[float, float], use_gemv: bool,
+                layers: list[tuple[torch.Tensor | None, ...]]) -> torch.Tensor:
+    """A run of consecutive blocks; one graph for a few blocks amortises the per-call overhead."""
+    for tensors in layers:
+        x = _block(x, cos, sin, bias, write_at, n_heads, eps, use_gemv, *tensors)
+    return x
+
+
+def _block_tensors(layer: nn.Module, cache: KVCache, i: int) -> tuple[torch.Tensor | None, ...]:
+    a, f = layer.self_attn, layer.mlp
+    return (cache.k[i], cache.v[i], layer.input_layernorm.weight,
+            a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
+            a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias,
+            layer.post_attention_layernorm.weight, f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight,
+            f.gate_proj.bias, f.up_proj.bias, f.down_proj.bias)
 
 
 def _head_step(x: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor, b: torch.Tensor | None,
@@ -119,8 +138,11 @@ class CompiledDecode:
         # CPU: the explicit reduction beats the BLAS GEMV in bf16; elsewhere keep the vendor GEMM.
         self.use_gemv = (dev.type == "cpu") if use_gemv is None else use_gemv
         self.failed: str | None = None
-        # One graph per block, reused by all layers (weights are inputs), keeps compiling short.
-        self._layer = torch.compile(_layer_step, dynamic=False, fullgraph=True)
+        # One graph for a group of blocks, reused by every group (weights are inputs): compiling
+        # stays short, and a few blocks per call amortise the guards and thread wake-ups.
+        n = model.config.n_layers
+        self.group = max(g for g in range(1, min(n, 6) + 1) if n % g == 0)
+        self._blocks = torch.compile(_group_step, dynamic=False, fullgraph=True)
         self._head = torch.compile(_head_step, dynamic=False, fullgraph=True)
         self.compiled_steps = 0
 
@@ -145,15 +167,11 @@ class CompiledDecode:
         bias = bias.masked_fill_(~key_valid, torch.finfo(torch.float32).min)[:, None, None, :]
         try:
             x = F.embedding(token, m.embed_tokens.weight)
-            for i, layer in enumerate(m.layers):
-                a, f = layer.self_attn, layer.mlp
-                x = self._layer(x, cos, sin, bias, cache.k[i], cache.v[i], write_at,
-                                layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                                a.o_proj.weight, a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias,
-                                layer.post_attention_layernorm.weight, f.gate_proj.weight, f.up_proj.weight,
-                                f.down_proj.weight, f.gate_proj.bias, f.up_proj.bias, f.down_proj.bias,
-                                layer.input_layernorm.eps, layer.post_attention_layernorm.eps, a.n_heads,
-                                self.use_gemv)
+            tensors = [_block_tensors(layer, cache, i) for i, layer in enumerate(m.layers)]
+            eps = (m.layers[0].input_layernorm.eps, m.layers[0].post_attention_layernorm.eps)
+            for g in range(0, len(tensors), self.group):
+                x = self._blocks(x, cos, sin, bias, write_at, m.config.n_heads, eps, self.use_gemv,
+                                 tensors[g:g + self.group])
             logits = self._head(x, m.norm.weight, m.norm.eps, m.lm_head.weight, m.lm_head.bias, self.use_gemv)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: fall back to eager
             self.failed = f"{type(e).__name__}: {e}"
