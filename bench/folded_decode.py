@@ -35,10 +35,14 @@ def text_only_v2(adapter: str | None):
         with torch.no_grad():
             for p in la.trainable_parameters(model).values():
                 p.add_(torch.randn_like(p) * 0.01)
-    for layer in model.layers:  # measure the folded linears only: prompts cost what they cost in V1
-        layer.self_attn.prefix = None
-    model.adapter.groups = {g: [n for n in ns if ".prefix." not in n] for g, ns in model.adapter.groups.items()}
     la.fold(model)
+    # Measure the folded linears only (prompts cost what they cost in V1): drop prompts and the
+    # visual modules, leaving a plain LLaMA with biases, as `llama-adapter export` writes it.
+    for layer in model.layers:
+        layer.self_attn.prefix = None
+    model.adapter = None
+    if hasattr(model, "visual"):
+        del model.visual
     return model.to(torch.bfloat16), tok
 
 
