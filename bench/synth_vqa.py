@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_results  # noqa: E402
 
 import llama_adapter as la  # noqa: E402
+from llama_adapter.data.multimodal import read_llava  # noqa: E402
 from llama_adapter.data.synth import synthesize  # noqa: E402
 from llama_adapter.eval.nll import held_out_alpaca, response_nll  # noqa: E402
 from llama_adapter.eval.vqa import evaluate_vqa  # noqa: E402
@@ -32,6 +33,22 @@ from llama_adapter.vision import blank_image  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca"
 CHANCE = {"colour": 1 / 6, "shape": 1 / 3, "colour_of": 1 / 6, "count": 1 / 4, "position": 1 / 2, "yes_no": 1 / 2}
+
+
+@torch.no_grad()
+def lavin_routing(model, tok, image) -> dict:
+    """Per-layer routing weights (w0, w1) of a trained LaVIN model for one question asked with
+    an image and without one: the two modalities should take different paths."""
+    ids = torch.tensor([tok.encode("What colour is the shape?")] * 2)
+    prep = model.adapter.prepare_inputs(model, ids, torch.ones_like(ids), [image, None])
+    cache = model.new_cache(2, prep.length)
+    model(prep.input_ids, inputs_embeds=prep.inputs_embeds, attention_mask=prep.attention_mask, cache=cache,
+          extras=prep.extras)
+    layers = sorted(k for k in cache.state if k[1] == "attn")
+    image_w = {str(k[0]): [round(x, 4) for x in cache.state[k][0].tolist()] for k in layers}
+    text_w = {str(k[0]): [round(x, 4) for x in cache.state[k][1].tolist()] for k in layers}
+    gap = sum(abs(image_w[k][0] - text_w[k][0]) for k in image_w) / max(len(image_w), 1)
+    return {"image": image_w, "text_only": text_w, "mean_abs_difference_of_w0": gap}
 
 
 def main() -> None:
@@ -66,11 +83,14 @@ def main() -> None:
     if args.alpaca_nll:
         held = held_out_alpaca(ALPACA / "alpaca_data_1k.json", ALPACA / "alpaca_small_2k.json", args.alpaca_nll)
         nll = response_nll(model, tok, held)
+    routing = None
+    if recipe.method["name"] == "lavin":
+        routing = lavin_routing(model, tok, read_llava(synth / "llava_test.json")[0].image)
     eval_seconds = time.perf_counter() - t1
     figures = {
         "method": recipe.method, "steps": result.steps, "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1), "trainable_parameters": la.count_trainable(model),
-        "final_train_loss": result.train_loss, "held_out_alpaca_response_nll": nll,
+        "final_train_loss": result.train_loss, "held_out_alpaca_response_nll": nll, "lavin_routing": routing,
         "accuracy_with_image": looked.by_type,
         "accuracy_blank_image": blind.by_type, "overall_with_image": looked.accuracy,
         "overall_blank_image": blind.accuracy, "counts": looked.counts, "chance": CHANCE,
@@ -90,6 +110,8 @@ def main() -> None:
              f"{result.steps} steps, trained in {train_seconds / 60:.1f} min on this CPU; "
              f"{la.count_trainable(model):,} trainable parameters."
              + (f" Held-out Alpaca response NLL ({args.alpaca_nll} records): {nll:.3f}." if nll is not None else "")
+             + (f" Routing (w0 per layer) differs between an image prompt and a text-only prompt by "
+                f"{routing['mean_abs_difference_of_w0']:.3f} on average." if routing else "")
              + "\n\n" + "\n".join(rows)
              + f"\n\nCommand: `{cmd}`\n")
     write_results(args.name, figures, table, machine_info())

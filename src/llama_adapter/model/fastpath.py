@@ -145,6 +145,7 @@ class CompiledDecode:
         self._blocks = torch.compile(_group_step, dynamic=False, fullgraph=True)
         self._head = torch.compile(_head_step, dynamic=False, fullgraph=True)
         self.compiled_steps = 0
+        self._tensors: tuple[KVCache, list] | None = None  # per-layer inputs, built once per generation
 
     def usable(self, batch_extras: dict[str, Any], cache_len: int) -> bool:
         """Whether the graph computes what the eager model would for a cache of `cache_len`."""
@@ -160,14 +161,16 @@ class CompiledDecode:
              key_valid: torch.Tensor) -> torch.Tensor | None:
         """Logits [B, V] for `token` [B] at `positions` [B]; None if compiling failed (then use eager)."""
         m = self.model
-        cos, sin = m.rotary(positions[:, None], m.dtype)  # [B, 1, 1, d]
-        cos, sin = cos[:, 0], sin[:, 0]  # [B, 1, d], broadcast over heads
+        cos_table, sin_table = m.rotary.table(cache.max_len, token.device)  # no device sync for the max
+        cos, sin = cos_table[positions, None].to(m.dtype), sin_table[positions, None].to(m.dtype)  # [B, 1, d]
         write_at = torch.tensor([cache.length], device=token.device)
         bias = torch.zeros(key_valid.shape, dtype=torch.float32, device=token.device)
         bias = bias.masked_fill_(~key_valid, torch.finfo(torch.float32).min)[:, None, None, :]
         try:
             x = F.embedding(token, m.embed_tokens.weight)
-            tensors = [_block_tensors(layer, cache, i) for i, layer in enumerate(m.layers)]
+            if self._tensors is None or self._tensors[0] is not cache:
+                self._tensors = (cache, [_block_tensors(layer, cache, i) for i, layer in enumerate(m.layers)])
+            tensors = self._tensors[1]
             eps = (m.layers[0].input_layernorm.eps, m.layers[0].post_attention_layernorm.eps)
             for g in range(0, len(tensors), self.group):
                 x = self._blocks(x, cos, sin, bias, write_at, m.config.n_heads, eps, self.use_gemv,

@@ -39,7 +39,8 @@ class Rotary(torch.nn.Module):
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
 
-    def _table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos/sin [>= n, head_dim] for positions 0..n-1."""
         if self._cos is None or self._cos.shape[0] < n or self._cos.device != device:
             size = max(n, 256, 0 if self._cos is None else 2 * self._cos.shape[0])
             t = torch.arange(size, device=device, dtype=torch.float32)
@@ -50,7 +51,7 @@ class Rotary(torch.nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] -> cos, sin [B, 1, T, head_dim] in `dtype`."""
-        cos, sin = self._table(int(positions.max()) + 1, positions.device)
+        cos, sin = self.table(int(positions.max()) + 1, positions.device)
         return cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
 
 
