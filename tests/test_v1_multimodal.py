@@ -81,3 +81,15 @@ def test_images_on_a_text_only_adapter_are_refused(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="no visual adapter"):
         la.generate(model, tok, ["hi"], images=[blank_image()])
+
+
+def test_visual_norm_gives_the_token_the_prompts_scale(tiny_folder, tmp_path, monkeypatch, synth):
+    monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path / "cache"))
+    model, _ = la.load_pretrained(tiny_folder)
+    la.attach(model, la.AdapterV1Config(prompt_len=4, n_layers=2, vision="efficientnet-lite0", visual_norm=True))
+    images = [r.image for r in read_llava(synth.llava_test)][:3]
+    token = model.adapter.prepare_inputs(model, torch.zeros(3, 1, dtype=torch.long), None, images).extras
+    token = token["visual_global"]
+    assert token.shape == (3, 64)
+    assert torch.allclose(token.std(-1, unbiased=False), torch.ones(3), atol=1e-3)  # LayerNorm: unit scale
+    assert "visual.proj.out_norm.weight" in la.trainable_parameters(model)

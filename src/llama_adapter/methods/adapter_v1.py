@@ -23,6 +23,7 @@ class AdapterV1Config:
     gate: str = "per_head_tanh"  # or "per_head", "scalar_tanh", "scalar" (PEFT-compatible)
     vision: str | None = None  # an image encoder ("efficientnet-lite0", "clip:DIR", ...): the multimodal variant
     visual_hidden: int = 256  # hidden width of the projection MLP
+    visual_norm: bool = False  # a LayerNorm on the projected token: the prompts' scale from the start
     feature_cache: bool = True  # keep the frozen encoder's features on disk (later epochs skip the encoder)
 
     def __post_init__(self) -> None:
@@ -58,7 +59,8 @@ def attach(model: LlamaLM, cfg: AdapterV1Config) -> Attached:
     if not cfg.vision:
         return Attached("adapter_v1", cfg, groups={"adapter": names})
     frontend = VisualFrontend(cfg.vision, cfg.feature_cache).to(model.device)
-    proj = GlobalMLPProjector(frontend.encoder.global_dims, model.config.dim, cfg.visual_hidden).to(model.device)
+    proj = GlobalMLPProjector(frontend.encoder.global_dims, model.config.dim, cfg.visual_hidden,
+                              output_norm=cfg.visual_norm).to(model.device)
     model.visual = nn.ModuleDict({"frontend": frontend, "proj": proj})
     names += [f"visual.proj.{n}" for n, _ in proj.named_parameters()]
 

@@ -31,10 +31,13 @@ class GlobalMLPProjector(nn.Module):
 
     With `input_norm` each global first gets its own LayerNorm, because the scales of different
     layers/stages differ by orders of magnitude (CNN stage outputs are unbounded) and the
-    widest one would otherwise dominate the concatenation.
+    widest one would otherwise dominate the concatenation. With `output_norm` a final LayerNorm
+    gives the token the scale of the N(0, 1) adaption prompts it is added to (as the reference's
+    projection norm does); without it the visual part starts far smaller than the prompts.
     """
 
-    def __init__(self, in_dims: Sequence[int], out_dim: int, hidden: int = 256, input_norm: bool = True) -> None:
+    def __init__(self, in_dims: Sequence[int], out_dim: int, hidden: int = 256, input_norm: bool = True,
+                 output_norm: bool = False) -> None:
         super().__init__()
         if not in_dims or min(in_dims) < 1 or out_dim < 1 or hidden < 1:
             raise ValueError(f"GlobalMLPProjector needs positive sizes, got in_dims={list(in_dims)}, "
@@ -45,12 +48,14 @@ class GlobalMLPProjector(nn.Module):
         self.fc1 = nn.Linear(sum(self.in_dims), hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, out_dim)
+        self.out_norm = nn.LayerNorm(out_dim) if output_norm else None
 
     def forward(self, features: VisionFeatures | Sequence[torch.Tensor]) -> torch.Tensor:
         feats = _globals_of(features, self.in_dims, "GlobalMLPProjector")
         if self.norms is not None:
             feats = [norm(g) for norm, g in zip(self.norms, feats)]
-        return self.fc2(self.act(self.fc1(torch.cat(feats, dim=-1))))
+        out = self.fc2(self.act(self.fc1(torch.cat(feats, dim=-1))))
+        return out if self.out_norm is None else self.out_norm(out)
 
 
 class _SelfAttention(nn.Module):
