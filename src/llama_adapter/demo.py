@@ -15,7 +15,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "v1mm_smollm2_synth_c
 
 
 def run_demo(out: str = "runs/demo", steps: int = 160, n_images: int = 800, n_show: int = 8) -> int:
-    from .data.multimodal import prompt_ids, read_llava
+    from .data.multimodal import prompt_ids, read_llava, stop_strings
     from .data.synth import normalise_answer, synthesize
     from .eval.vqa import evaluate_vqa
     from .recipe import load_recipe
@@ -37,7 +37,8 @@ def run_demo(out: str = "runs/demo", steps: int = 160, n_images: int = 800, n_sh
     from .generate import Sampling, complete_ids
 
     ids = [prompt_ids(tok, r.turns[0][0], src.template, src.image_placeholder, True) for r in picks]
-    replies = complete_ids(model, tok, ids, Sampling(max_new_tokens=8), [r.image for r in picks])
+    sampling = Sampling(max_new_tokens=8, stop=stop_strings(src.template))
+    replies = complete_ids(model, tok, ids, sampling, [r.image for r in picks])
     print("\nheld-out images:")
     for r, reply in zip(picks, replies):
         mark = "ok " if normalise_answer(reply) == normalise_answer(r.meta["answer"]) else "XX "

@@ -24,6 +24,11 @@ PLAIN_SEP = "\n"  # between a reply's EOS and the next "### Human:"
 MM_TEMPLATES = ("chat", "plain")
 
 
+def stop_strings(template: str) -> tuple[str, ...]:
+    """Where a reply ends when a model runs on past its EOS: the plain template's next turn."""
+    return ("###",) if template == "plain" else ()
+
+
 @dataclass
 class Conversation:
     """One LLaVA record. The first human turn of a record with an image always refers to it: a record

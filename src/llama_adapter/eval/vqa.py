@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..data.multimodal import Conversation, prompt_ids, read_llava
+from ..data.multimodal import Conversation, prompt_ids, read_llava, stop_strings
 from ..data.synth import normalise_answer
 from ..generate import Sampling, complete_ids
 from ..model.llama import LlamaLM
@@ -53,7 +53,7 @@ def evaluate_vqa(model: LlamaLM, tok: Tokenizer, path: str | Path, template: str
     records = records[:limit] if limit else records
     model.eval()
     replies: list[str] = []
-    sampling = Sampling(max_new_tokens=max_new_tokens)
+    sampling = Sampling(max_new_tokens=max_new_tokens, stop=stop_strings(template))
     for i in range(0, len(records), batch_size):
         chunk = records[i: i + batch_size]
         ids = [prompt_ids(tok, r.turns[0][0], template, image_placeholder, r.image is not None) for r in chunk]
