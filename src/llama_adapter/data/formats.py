@@ -38,20 +38,30 @@ def read_json_records(path: str | Path) -> list[Any]:
     return records
 
 
+def object_records(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:
+    """(index, "record i of FILE", record) for every record of a file of JSON objects; an empty
+    file or a record that is not an object is an error naming it."""
+    records = read_json_records(path)
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    out = []
+    for i, r in enumerate(records):
+        where = f"record {i} of {path}"
+        if not isinstance(r, dict):
+            raise ValueError(f"{where} is not an object")
+        out.append((i, where, r))
+    return out
+
+
 def read_alpaca(path: str | Path) -> list[InstructionRecord]:
     """Alpaca records {instruction, input (optional), output}."""
     out = []
-    for i, r in enumerate(read_json_records(path)):
-        where = f"{path}#{i}"
-        if not isinstance(r, dict):
-            raise ValueError(f"record {i} of {path} is not an object")
+    for i, where, r in object_records(path):
         for key in ("instruction", "output"):
             if not isinstance(r.get(key), str):
-                raise ValueError(f"record {i} of {path} has no string field {key!r}")
+                raise ValueError(f"{where} has no string field {key!r}")
         inp = r.get("input", "") or ""
         if not isinstance(inp, str):
-            raise ValueError(f"record {i} of {path}: field 'input' is not a string")
-        out.append(InstructionRecord(r["instruction"], inp, r["output"], where))
-    if not out:
-        raise ValueError(f"{path} holds no records")
+            raise ValueError(f"{where}: field 'input' is not a string")
+        out.append(InstructionRecord(r["instruction"], inp, r["output"], f"{path}#{i}"))
     return out

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..model.tokenizer import Tokenizer
-from .formats import read_json_records
+from .formats import object_records
 from .tokenize import IGNORE, Batch, PromptTooLong, collate
 
 IMAGE_TAG = "<image>"
@@ -93,18 +93,13 @@ def read_llava(path: str | Path, image_root: str | Path | None = None,
     path = Path(path)
     base = Path(image_root) if image_root is not None else path.parent
     out = []
-    for i, r in enumerate(read_json_records(path)):
-        where = f"record {i} of {path}"
-        if not isinstance(r, dict):
-            raise ValueError(f"{where} is not an object")
+    for i, where, r in object_records(path):
         if "id" in r:
             where += f" (id {r['id']!r})"
         image = None if r.get("image") is None else _image_path(r["image"], base, where, check_files)
         turns, tag = _parse_turns(r.get("conversations"), where, image is not None)
         meta = {k: v for k, v in r.items() if k not in ("image", "conversations")}
         out.append(Conversation(image, turns, f"{path}#{i}", meta, tag))
-    if not out:
-        raise ValueError(f"{path} holds no records")
     return out
 
 
@@ -114,16 +109,11 @@ def read_captions(path: str | Path, image_root: str | Path | None = None,
     path = Path(path)
     base = Path(image_root) if image_root is not None else path.parent
     out = []
-    for i, r in enumerate(read_json_records(path)):
-        where = f"record {i} of {path}"
-        if not isinstance(r, dict):
-            raise ValueError(f"{where} is not an object")
+    for i, where, r in object_records(path):
         if not isinstance(r.get("caption"), str) or not r["caption"].strip():
             raise ValueError(f"{where} has no non-empty string field 'caption'")
         out.append(CaptionRecord(_image_path(r.get("image"), base, where, check_files), r["caption"],
                                  f"{path}#{i}"))
-    if not out:
-        raise ValueError(f"{path} holds no records")
     return out
 
 
