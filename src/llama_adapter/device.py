@@ -41,10 +41,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = 
     return dtype
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Mixed-precision context: autocast to a low-precision dtype, a no-op for fp32/None."""
     if dtype is None or dtype == torch.float32:

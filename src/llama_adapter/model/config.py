@@ -65,13 +65,6 @@ class ModelConfig:
                 f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        return cls(**d)
-
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Translate a transformers config dict (v4 or v5 layout) into ours."""
