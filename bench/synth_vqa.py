@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,13 +63,13 @@ def main() -> None:
                     help="also measure the held-out Alpaca response NLL on this many records")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 
     synth = Path(args.synth)
     if not (synth / "meta.json").is_file():
         synthesize(synth, args.n, seed=0)
-    recipe = load_recipe(args.recipe, [f"data.train={synth / 'llava_train.json'}", "train.resume=false",
-                                       *args.overrides])
+    recipe = load_recipe(args.recipe, ["train.resume=false", *args.overrides])
+    recipe.data[0].train = str(synth / "llava_train.json")  # the first source is the synthetic set
     t0 = time.perf_counter()
     result, model, tok = run_recipe(recipe)
     train_seconds = time.perf_counter() - t0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -37,11 +38,12 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-v1-alpaca")
     ap.add_argument("--eval-records", type=int, default=200)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 
     recipe = load_recipe(ROOT / "recipes" / "v1_smollm2_alpaca_cpu.yaml",
                          [f"data.train={DATA / 'alpaca_data_1k.json'}", f"train.max_steps={args.steps}",
-                          f"train.out_dir={args.out}", "train.resume=false"])
+                          f"train.out_dir={args.out}", "train.resume=false",
+                          f"train.threads={os.environ.get('BENCH_THREADS', '2')}"])
     shutil.rmtree(args.out, ignore_errors=True)
     held = held_out_alpaca(DATA / "alpaca_data_1k.json", DATA / "alpaca_small_2k.json", args.eval_records)
     demo = held[:5]

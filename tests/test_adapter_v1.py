@@ -202,3 +202,20 @@ def test_load_adapter_errors_name_the_problem(tiny, tmp_path):
     model.adapter = None
     with pytest.raises(ValueError, match="adapter_model.safetensors"):
         la.load_adapter(model, tmp_path / "ad")
+
+
+def test_inference_cache_does_not_leak_across_autocast(tiny):
+    """K/V cached under bf16 autocast must not be reused in an fp32 pass (and vice versa)."""
+    model, _ = tiny
+    la.attach(model, la.AdapterV1Config(prompt_len=4, n_layers=2))
+    with torch.no_grad():
+        for p in la.trainable_parameters(model).values():
+            p.normal_()
+    ids = torch.randint(0, 400, (1, 8))
+    fp32 = model(ids).detach()  # gradients on: computed afresh, no cache involved
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids)  # fills the inference cache with bf16 keys/values
+        again = model(ids)
+    assert again.dtype == torch.float32
+    assert torch.allclose(fp32, again, atol=1e-6)

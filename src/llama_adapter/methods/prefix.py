@@ -60,7 +60,9 @@ class GatedPrefix(nn.Module):
         extra = ctx.extras.get(self.add_key) if self.add_key else None
         if extra is None and not torch.is_grad_enabled():
             params = itertools.chain(self.parameters(), attn.k_proj.parameters(), attn.v_proj.parameters())
-            key = (dtype, str(self.prompt.device), tuple((id(p), p._version) for p in params))
+            dev = self.prompt.device.type
+            amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            key = (dtype, amp, str(self.prompt.device), tuple((id(p), p._version) for p in params))
             if key != self._static_key:
                 self._static, self._static_key = self._compute(attn, dtype, None), key
             kv = self._static
@@ -75,6 +77,7 @@ class GatedPrefix(nn.Module):
         if self.row_key and rows is None:
             return q.new_zeros(())
         k, v = self.keys_values(attn, q.dtype, ctx)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # under autocast the projections may come out in another dtype
         B, H, T, d = q.shape
         G = k.shape[1]
         # The query heads of a group share their prompt keys: fold them into the rows of one matmul.
