@@ -9,7 +9,7 @@ from torch import nn
 
 from ..model.llama import LlamaLM
 from ..vision import GlobalMLPProjector
-from .prefix import GATES, GatedPrefix
+from .prefix import GatedPrefix, check_prompt_options
 from .registry import Attached, Method, register
 from .visual import VisualFrontend, visual_preparers
 
@@ -27,12 +27,7 @@ class AdapterV1Config:
     feature_cache: bool = True  # keep the frozen encoder's features on disk (later epochs skip the encoder)
 
     def __post_init__(self) -> None:
-        if self.prompt_len < 1:
-            raise ValueError(f"prompt_len must be >= 1, got {self.prompt_len}")
-        if self.n_layers is not None and self.n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
-        if self.gate not in GATES:
-            raise ValueError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
+        check_prompt_options(self.prompt_len, self.n_layers, self.gate, min_layers=1)
 
     def adapted_layers(self, model_layers: int) -> range:
         n = self.n_layers if self.n_layers is not None else max(model_layers - 2, 1)

@@ -25,7 +25,7 @@ from ..model.llama import AdaptableLinear, LlamaLM
 from ..vision import VisualQueryProjector
 from .adapter_v1 import attach_prompts
 from .lora import LoRA
-from .prefix import GATES
+from .prefix import check_prompt_options
 from .registry import Attached, Method, register
 from .visual import VisualFrontend, visual_preparers
 
@@ -52,12 +52,7 @@ class AdapterV2Config:
 
     def __post_init__(self) -> None:
         self.lora_targets = tuple(self.lora_targets)
-        if self.prompt_len < 1:
-            raise ValueError(f"prompt_len must be >= 1, got {self.prompt_len}")
-        if self.n_layers is not None and self.n_layers < 0:
-            raise ValueError(f"n_layers must be >= 0, got {self.n_layers}")
-        if self.gate not in GATES:
-            raise ValueError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATES)}")
+        check_prompt_options(self.prompt_len, self.n_layers, self.gate, min_layers=0)  # L = 0: bias tuning only
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         unknown = set(self.lora_targets) - set(LINEARS)

@@ -294,7 +294,7 @@ def attach(model: LlamaLM, cfg: LavinConfig) -> Attached:
     names += [f"lavin.{n}" for n, _ in inputs.named_parameters()
               if n.startswith(("modality.", "neck.")) or ".pre_attention_adapter." in n]
     return Attached("lavin", cfg, groups={"lavin": names}, prepare_inputs=inputs.prepare_inputs,
-                    prepare_batch=inputs.prepare_batch, modules={"lavin": inputs})
+                    prepare_batch=inputs.prepare_batch)
 
 
 METHOD = register(Method("lavin", LavinConfig, attach))

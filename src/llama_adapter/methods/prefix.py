@@ -18,6 +18,16 @@ from ..model.llama import Attention, ForwardContext
 GATES = ("per_head_tanh", "per_head", "scalar_tanh", "scalar")
 
 
+def check_prompt_options(prompt_len: int, n_layers: int | None, gate: str, min_layers: int) -> None:
+    """The validation every method with adaption prompts shares."""
+    if prompt_len < 1:
+        raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
+    if n_layers is not None and n_layers < min_layers:
+        raise ValueError(f"n_layers must be >= {min_layers}, got {n_layers}")
+    if gate not in GATES:
+        raise ValueError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
+
+
 class GatedPrefix(nn.Module):
     """A learned prompt [K, C] and its gate, used as extra keys/values of one attention layer.
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..model.llama import LlamaLM
 
@@ -32,7 +31,6 @@ class Attached:
     # for generation (prepare_inputs) and for training batches (prepare_batch)
     prepare_inputs: Callable[..., Any] | None = None
     prepare_batch: Callable[..., Any] | None = None
-    modules: dict[str, nn.Module] = field(default_factory=dict)
 
     def parameter_names(self) -> list[str]:
         return [n for names in self.groups.values() for n in names]
