@@ -177,3 +177,20 @@ def test_no_weight_decay_on_gates_and_vectors():
 def test_paper_lr_rule():
     assert TrainConfig(batch_size=4, grad_accum=8, base_lr=9e-3).learning_rate(world_size=2) == pytest.approx(
         9e-3 * 64 / 256)
+
+
+def test_a_groups_lr_scale_multiplies_its_learning_rate_at_every_step(tiny_folder, tmp_path):
+    model, tok = v1_model(tiny_folder)
+    gates = [n for n in model.adapter.groups["adapter"] if n.endswith("gate")]
+    model.adapter.groups = {"prompts": [n for n in model.adapter.groups["adapter"] if n not in gates], "gates": gates}
+    model.adapter.lr_scale = {"gates": 0.25}
+    trainer = Trainer(model, config(tmp_path, max_steps=5), {"instruction": examples(tok)}, pad_id=tok.pad_id)
+    params = la.trainable_parameters(model)
+    for step in range(3):
+        trainer.train_step()
+        want = lr_at(step, 5, 3, 3e-2)
+        for g in trainer.optimizer.param_groups:
+            names = {n for n, p in params.items() if any(p is q for q in g["params"])}
+            scale = 0.25 if names <= set(gates) else 1.0
+            assert names <= set(gates) or not names & set(gates)  # a group never mixes scales
+            assert g["lr"] == pytest.approx(want * scale)

@@ -54,6 +54,8 @@ def test_training_moves_projector_and_the_model_then_looks(tiny_folder, tmp_path
     assert moved == set(before)  # prompts, gates and the projector all trained
     # the feature cache now holds every training image
     assert model.visual["frontend"]._cache.misses == len({r.image for r in records})
+    # and the frontend's running statistics have seen each image of the 4 steps of 4
+    assert model.visual["frontend"].standardizer.globals[0].count.item() == 4 * 4
     # with trained (non-zero) gates the image changes the prompt keys, so the logits
     ids = torch.tensor([tok.encode("what colour is the shape?")])
     prep = model.adapter.prepare_inputs
@@ -61,6 +63,23 @@ def test_training_moves_projector_and_the_model_then_looks(tiny_folder, tmp_path
         with_image = model(ids, extras=prep(model, ids, torch.ones_like(ids), [records[0].image]).extras)
         blank = model(ids, extras=prep(model, ids, torch.ones_like(ids), [blank_image()]).extras)
     assert not torch.allclose(with_image, blank)
+
+
+def test_feature_statistics_are_saved_and_reloaded(tiny_folder, tmp_path, monkeypatch, synth):
+    model, tok = mm_model(tiny_folder, tmp_path, monkeypatch)
+    images = [r.image for r in read_llava(synth.llava_train)][:4]
+    frontend = model.visual["frontend"].train()
+    frontend.features(images, 4, model.device)
+    la.save_adapter(model, tmp_path / "ad")
+    model2, _ = la.load_pretrained(tiny_folder)
+    la.load_adapter(model2, tmp_path / "ad")
+    a, b = (m.visual["frontend"].standardizer for m in (model, model2))
+    assert all(torch.equal(x, y) for x, y in zip(a.buffers(), b.buffers())) and a.tokens.count.item() == 4 * 49
+    # eval mode uses them and does not move them
+    model2.eval()
+    feats, _ = model2.visual["frontend"].features(images, 4, model.device)
+    assert b.globals[0].count.item() == 4
+    assert torch.allclose(feats.globals[1].mean(0), torch.zeros(feats.globals[1].shape[-1]), atol=1e-4)
 
 
 def test_save_load_round_trip_multimodal(tiny_folder, tmp_path, monkeypatch, synth):
@@ -91,5 +110,5 @@ def test_visual_norm_gives_the_token_the_prompts_scale(tiny_folder, tmp_path, mo
     token = model.adapter.prepare_inputs(model, torch.zeros(3, 1, dtype=torch.long), None, images).extras
     token = token["visual_global"]
     assert token.shape == (3, 64)
-    assert torch.allclose(token.std(-1, unbiased=False), torch.ones(3), atol=1e-3)  # LayerNorm: unit scale
+    assert torch.allclose(token.std(-1, unbiased=False), torch.ones(3), atol=1e-2)  # LayerNorm (less its eps)
     assert "visual.proj.out_norm.weight" in la.trainable_parameters(model)

@@ -441,3 +441,23 @@ def test_lavin_neck_paper_count_and_meta():
     # V2 release layout: clip_proj(+norm), 10 queries, 8 blocks of width 768, visual_proj(+norm) to 4096
     block = 2 * 768 * 2 + (768 * 3 * 768 + 3 * 768) + (768 * 768 + 768) + (768 * 3072 + 3072) + (3072 * 768 + 768)
     assert _n_params(vq) == (768 * 768 + 768 + 2 * 768) + 10 * 768 + 8 * block + (768 * 4096 + 4096 + 2 * 4096)
+
+
+def test_running_moments_equal_the_statistics_of_all_rows_seen():
+    from llama_adapter.vision.standardize import FeatureStandardizer
+
+    torch.manual_seed(0)
+    std = FeatureStandardizer([3, 5], token_dim=4).train()
+    seen = [VisionFeatures([torch.randn(n, 3) * 4 + 2, torch.randn(n, 5)], torch.randn(n, 6, 4) + 1) for n in (1, 3, 7)]
+    for f in seen:
+        std(f)
+    g0 = torch.cat([f.globals[0] for f in seen]).double()
+    tok = torch.cat([f.tokens.flatten(0, 1) for f in seen]).double()
+    assert std.globals[0].count.item() == 11 and std.tokens.count.item() == 66
+    assert torch.allclose(std.globals[0].mean, g0.mean(0)) and torch.allclose(std.tokens.mean, tok.mean(0))
+    assert torch.allclose(std.globals[0].m2 / 10, g0.var(0)) and torch.allclose(std.tokens.m2 / 65, tok.var(0))
+    g1 = torch.cat([f.globals[1] for f in seen])
+    out = std.eval()(VisionFeatures([g0.float(), g1], tok.float().view(11, 6, 4)))
+    assert torch.allclose(out.globals[0].mean(0), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(out.globals[0].std(0), torch.ones(3), atol=1e-3)
+    assert std.globals[0].count.item() == 11  # eval mode: frozen

@@ -23,7 +23,8 @@ class AdapterV1Config:
     gate: str = "per_head_tanh"  # or "per_head", "scalar_tanh", "scalar" (PEFT-compatible)
     vision: str | None = None  # an image encoder ("efficientnet-lite0", "clip:DIR", ...): the multimodal variant
     visual_hidden: int = 256  # hidden width of the projection MLP
-    visual_norm: bool = False  # a LayerNorm on the projected token: the prompts' scale from the start
+    visual_norm: bool = True  # a LayerNorm on the projected token: the prompts' scale from the start
+    visual_lr_scale: float = 1.0  # the projector's learning rate relative to the prompts'
     feature_cache: bool = True  # keep the frozen encoder's features on disk (later epochs skip the encoder)
 
     def __post_init__(self) -> None:
@@ -54,10 +55,11 @@ def attach(model: LlamaLM, cfg: AdapterV1Config) -> Attached:
     if not cfg.vision:
         return Attached("adapter_v1", cfg, groups={"adapter": names})
     frontend = VisualFrontend(cfg.vision, cfg.feature_cache).to(model.device)
+    # The frontend standardises each channel, so the projector needs no input norm of its own.
     proj = GlobalMLPProjector(frontend.encoder.global_dims, model.config.dim, cfg.visual_hidden,
-                              output_norm=cfg.visual_norm).to(model.device)
+                              input_norm=False, output_norm=cfg.visual_norm).to(model.device)
     model.visual = nn.ModuleDict({"frontend": frontend, "proj": proj})
-    names += [f"visual.proj.{n}" for n, _ in proj.named_parameters()]
+    visual = [f"visual.proj.{n}" for n, _ in proj.named_parameters()]
 
     def extras(images, batch_size: int) -> dict:
         feats, has = frontend.features(images, batch_size, model.device)
@@ -66,8 +68,9 @@ def attach(model: LlamaLM, cfg: AdapterV1Config) -> Attached:
         return {VISUAL_KEY: proj(feats) * has[:, None].to(proj.fc2.weight.dtype)}
 
     prepare_inputs, prepare_batch = visual_preparers(extras)
-    return Attached("adapter_v1", cfg, groups={"adapter": names}, prepare_inputs=prepare_inputs,
-                    prepare_batch=prepare_batch)
+    return Attached("adapter_v1", cfg, groups={"adapter": names, "visual": visual},
+                    lr_scale={"visual": cfg.visual_lr_scale}, buffers=frontend.state_buffer_names("visual.frontend."),
+                    prepare_inputs=prepare_inputs, prepare_batch=prepare_batch)
 
 
 METHOD = register(Method("adapter_v1", AdapterV1Config, attach))

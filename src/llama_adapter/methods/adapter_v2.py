@@ -127,7 +127,8 @@ def attach(model: LlamaLM, cfg: AdapterV2Config) -> Attached:
     prepare_inputs, prepare_batch = visual_preparers(extras)
     return Attached("adapter_v2", cfg, groups={"instruction": instruction, "visual": visual},
                     kind_groups={"instruction": ["instruction"], "caption": ["visual"], "vqa": ["visual"]},
-                    prepare_inputs=prepare_inputs, prepare_batch=prepare_batch)
+                    buffers=frontend.state_buffer_names("visual.frontend."), prepare_inputs=prepare_inputs,
+                    prepare_batch=prepare_batch)
 
 
 METHOD = register(Method("adapter_v2", AdapterV2Config, attach))

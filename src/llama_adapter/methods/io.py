@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from ..fileio import atomic_write, atomic_write_json, read_json
 from ..model.llama import LlamaLM
-from .registry import attach, config_from_dict, trainable_parameters
+from .registry import adapter_tensors, attach, config_from_dict
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -33,9 +33,10 @@ def adapter_metadata(model: LlamaLM) -> dict[str, Any]:
 
 
 def save_adapter(model: LlamaLM, folder: str | Path) -> Path:
-    """Write only what was trained (a few hundred KB for SmolLM2 with V1), atomically."""
+    """Write only what was trained, and the method's state buffers (a few hundred KB for SmolLM2 with V1),
+    atomically."""
     folder = Path(folder)
-    tensors = {n: p.detach().to("cpu").contiguous() for n, p in trainable_parameters(model).items()}
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in adapter_tensors(model).items()}
     meta = adapter_metadata(model)
     atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"method": meta["method"]}))
     atomic_write_json(folder / CONFIG, meta)
@@ -69,7 +70,7 @@ def load_adapter(model: LlamaLM, folder: str | Path) -> LlamaLM:
         tensors = load_file(str(path))
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    params = trainable_parameters(model)
+    params = adapter_tensors(model)
     if tensors.keys() != params.keys():
         missing, extra = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
         raise ValueError(f"{path} does not fit the attached {meta['method']}: missing {missing[:4]}, "

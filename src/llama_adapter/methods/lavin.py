@@ -293,7 +293,8 @@ def attach(model: LlamaLM, cfg: LavinConfig) -> Attached:
     model.lavin = inputs.to(model.device)
     names += [f"lavin.{n}" for n, _ in inputs.named_parameters()
               if n.startswith(("modality.", "neck.")) or ".pre_attention_adapter." in n]
-    return Attached("lavin", cfg, groups={"lavin": names}, prepare_inputs=inputs.prepare_inputs,
+    buffers = inputs.frontend.state_buffer_names("lavin.frontend.") if inputs.frontend is not None else []
+    return Attached("lavin", cfg, groups={"lavin": names}, buffers=buffers, prepare_inputs=inputs.prepare_inputs,
                     prepare_batch=inputs.prepare_batch)
 
 

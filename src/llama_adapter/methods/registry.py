@@ -27,6 +27,11 @@ class Attached:
     groups: dict[str, list[str]]
     # data kind -> the groups it trains (joint training); kinds not listed train every group
     kind_groups: dict[str, list[str]] = field(default_factory=dict)
+    # group name -> learning-rate multiplier (groups not listed: 1), e.g. V1's projector
+    # (`visual_lr_scale`): an MLP may want other steps than the prompts beside it
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    # buffers that are state, not trained, yet saved with the adapter (running feature statistics)
+    buffers: list[str] = field(default_factory=list)
     # optional: embeddings and per-example inputs for a prompt batch (images, modality tokens),
     # for generation (prepare_inputs) and for training batches (prepare_batch)
     prepare_inputs: Callable[..., Any] | None = None
@@ -34,6 +39,10 @@ class Attached:
 
     def parameter_names(self) -> list[str]:
         return [n for names in self.groups.values() for n in names]
+
+    def lr_scales(self) -> dict[str, float]:
+        """{parameter name: learning-rate multiplier}."""
+        return {n: self.lr_scale.get(g, 1.0) for g, names in self.groups.items() for n in names}
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,15 @@ def trainable_parameters(model: LlamaLM) -> dict[str, torch.nn.Parameter]:
         return {}
     params = dict(model.named_parameters())
     return {n: params[n] for n in model.adapter.parameter_names()}
+
+
+def adapter_tensors(model: LlamaLM) -> dict[str, torch.Tensor]:
+    """Everything an adapter checkpoint holds: the trainable parameters and the method's state buffers."""
+    tensors: dict[str, torch.Tensor] = dict(trainable_parameters(model))
+    if model.adapter is not None and model.adapter.buffers:
+        buffers = dict(model.named_buffers())
+        tensors.update({n: buffers[n] for n in model.adapter.buffers})
+    return tensors
 
 
 def count_trainable(model: LlamaLM) -> int:

@@ -1,7 +1,8 @@
 """The frozen image encoder behind every multimodal method, with its feature cache.
 
 Turns a batch's images (paths, bytes, PIL images, or None for "no image") into features
-for the whole batch: rows without an image are zeros and flagged in `has_image`.
+for the whole batch, standardised per channel (vision/standardize.py): rows without an
+image are zeros and flagged in `has_image`.
 """
 
 from __future__ import annotations
@@ -16,16 +17,24 @@ from torch import nn
 
 from ..generate import PreparedBatch
 from ..model.load import cache_dir
-from ..vision import FeatureCache, VisionFeatures, load_encoder
+from ..vision import FeatureCache, FeatureStandardizer, VisionFeatures, load_encoder
 
 
 class VisualFrontend(nn.Module):
-    def __init__(self, spec: str, use_cache: bool = True):
+    def __init__(self, spec: str, use_cache: bool = True, standardize: bool = True):
         super().__init__()
         self.spec = spec
         self.encoder = load_encoder(spec).freeze()
+        self.standardizer = (FeatureStandardizer(self.encoder.global_dims, self.encoder.token_dim)
+                             if standardize else None)
         self.use_cache = use_cache
         self._cache: FeatureCache | None = None
+
+    def state_buffer_names(self, prefix: str) -> list[str]:
+        """The running statistics, which belong in the adapter checkpoint."""
+        if self.standardizer is None:
+            return []
+        return [f"{prefix}standardizer.{n}" for n, _ in self.standardizer.named_buffers()]
 
     def _encode(self, images: list[Any]) -> VisionFeatures:
         cacheable = self.use_cache and not self.encoder.has_trainable() and all(
@@ -51,6 +60,8 @@ class VisualFrontend(nn.Module):
             return None, has
         has[present] = True
         feats = self._encode([images[i] for i in present]).to(device=device, dtype=torch.float32)
+        if self.standardizer is not None:
+            feats = self.standardizer(feats)
         if len(present) == batch_size:
             return feats, has
         index = torch.tensor(present, device=device)

@@ -1,6 +1,9 @@
-"""AdamW with no weight decay on gates and 1-D tensors (biases, scales, norms)."""
+"""AdamW with no weight decay on gates and 1-D tensors (biases, scales, norms), and a
+learning-rate multiplier per parameter (the method's `lr_scale`), kept in each group's "lr_scale"."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -12,10 +15,13 @@ def decays(name: str, p: torch.Tensor) -> bool:
 
 
 def build_optimizer(params: dict[str, torch.nn.Parameter], lr: float, weight_decay: float,
-                    betas: tuple[float, float]) -> torch.optim.AdamW:
-    decay = [p for n, p in params.items() if decays(n, p)]
-    no_decay = [p for n, p in params.items() if not decays(n, p)]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+                    betas: tuple[float, float], lr_scales: Mapping[str, float] | None = None) -> torch.optim.AdamW:
+    lr_scales = lr_scales or {}
+    buckets: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for n, p in params.items():
+        buckets.setdefault((float(lr_scales.get(n, 1.0)), decays(n, p)), []).append(p)
+    groups = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale,
+               "lr": lr * scale} for (scale, decay), ps in sorted(buckets.items(), key=lambda kv: kv[0])]
     # Parameters whose grad is None (another data kind's group) are skipped entirely by AdamW:
     # no moment update and no weight decay.
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)

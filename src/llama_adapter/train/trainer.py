@@ -124,7 +124,8 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
                        else round(cfg.warmup_epochs * self._steps_per_epoch()))
-        self.optimizer = build_optimizer(self.params, self.lr, cfg.weight_decay, cfg.betas)
+        self.optimizer = build_optimizer(self.params, self.lr, cfg.weight_decay, cfg.betas,
+                                         model.adapter.lr_scales())
         self.kind_params = self._kind_params()
         self.step = 0
         if self.dist.main:
@@ -235,7 +236,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         lr = lr_at(self.step, self.total_steps, self.warmup, self.lr, cfg.min_lr)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         for p in self.params.values():

@@ -14,6 +14,7 @@ from .encoders import (
 )
 from .images import ImageSource, blank_image, image_digest, load_image, to_rgb
 from .projectors import GlobalMLPProjector, LavinNeck, QueryBlock, VisualQueryProjector
+from .standardize import FeatureStandardizer
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -21,6 +22,7 @@ __all__ = [
     "CLIPEncoder",
     "EfficientNetLite0Encoder",
     "FeatureCache",
+    "FeatureStandardizer",
     "GlobalMLPProjector",
     "ImageEncoder",
     "ImageSource",

@@ -1,0 +1,319 @@
+"""The method comparison: SmolLM2-135M on the ScienceQA development protocol, and held-out
+Alpaca response NLL, at an equal number of training steps on the same data.
+
+ScienceQA rows (recipes/scienceqa_dev_protocol.md: train on train/val + dev pid%4==0, validate
+on dev pid%4==2): zero-shot, V1, V1 multimodal, V2 without and with images, LaVIN without and
+with images, PEFT's AdaptionPrompt and PEFT's LoRA (rank 8 on q and v). Every trained row uses
+our trainer (same sampler, schedule, AdamW, bf16 autocast), the plain template and the same
+conversations; rows with images get the problem's image through their method, the others the
+text alone. Accuracy is ranked-choice (the option whose "The answer is X." is most likely),
+because a 135M model formats poorly. V2 with images alternates text-only steps (its instruction
+group) with image steps (its visual group) on the same problems, as its joint training does.
+
+Alpaca rows: trained on alpaca_data_1k.json, scored by the mean per-token NLL of the reference
+responses of the alpaca_small_2k.json records whose instruction is not in the 1k file.
+
+Each trained row runs in its own subprocess, so its peak memory (VmHWM after loading, reset
+before training) is its own.
+
+    python bench/compare_methods.py [--steps 60] [--val-limit 100] [--alpaca-steps 60] [--nll-records 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SQA = SHARED / "scienceqa"
+ALPACA = SHARED / "alpaca"
+ENCODER = "efficientnet-lite0"
+GROUPS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
+
+
+@dataclass
+class Row:
+    name: str
+    impl: str  # "ours", "peft-adaption-prompt", "peft-lora", or "none" (zero-shot)
+    method: dict[str, Any] = field(default_factory=dict)  # our method: {"name": ..., options}
+    lr: float = 1e-2
+    images: bool = False  # train and evaluate with the problems' images
+    joint: bool = False  # V2 joint training: text steps (instruction group) and image steps (visual group)
+
+
+SQA_ROWS = [
+    Row("zero-shot", "none"),
+    Row("V1", "ours", {"name": "adapter_v1", "prompt_len": 10, "n_layers": 28}),
+    Row("V1 multimodal", "ours", {"name": "adapter_v1", "prompt_len": 10, "n_layers": 28, "vision": ENCODER},
+        images=True),
+    Row("V2 (no images)", "ours", {"name": "adapter_v2", "prompt_len": 10, "n_layers": 28}, lr=5e-3),
+    Row("V2", "ours", {"name": "adapter_v2", "prompt_len": 10, "n_layers": 28, "vision": ENCODER,
+                       "visual_width": 256}, lr=5e-3, images=True, joint=True),
+    Row("LaVIN (no images)", "ours", {"name": "lavin", "vision": None}),
+    Row("LaVIN", "ours", {"name": "lavin", "vision": ENCODER}, images=True),
+    Row("PEFT AdaptionPrompt", "peft-adaption-prompt"),
+    Row("PEFT LoRA r8 q,v", "peft-lora", lr=1e-3),
+]
+ALPACA_ROWS = [
+    Row("zero-shot", "none"),
+    Row("V1", "ours", {"name": "adapter_v1", "prompt_len": 10, "n_layers": 28}),
+    Row("V2", "ours", {"name": "adapter_v2", "prompt_len": 10, "n_layers": 28}, lr=5e-3),
+    Row("LaVIN (text-only path)", "ours", {"name": "lavin", "vision": None}),
+    Row("PEFT AdaptionPrompt", "peft-adaption-prompt"),
+    Row("PEFT LoRA r8 q,v", "peft-lora", lr=1e-3),
+]
+
+
+# -- PEFT models behind our trainer ---------------------------------------------------------------
+@dataclass
+class PeftRowConfig:
+    kind: str
+
+
+class PeftModel(torch.nn.Module):
+    """A PEFT-wrapped transformers model that looks to our trainer and scorers like a LlamaLM with a
+    text-only method attached: `model(input_ids=..., output_positions=mask)` -> logits at those positions."""
+
+    def __init__(self, kind: str, ours_config, name_or_path: str):
+        super().__init__()
+        from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        from llama_adapter.methods.registry import Attached
+
+        base = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        cfg = (AdaptionPromptConfig(adapter_len=10, adapter_layers=28, task_type="CAUSAL_LM")
+               if kind == "peft-adaption-prompt" else
+               LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                          task_type="CAUSAL_LM"))
+        self.inner = get_peft_model(base, cfg)
+        self.config, self.name_or_path = ours_config, name_or_path
+        names = [f"inner.{n}" for n, p in self.inner.named_parameters() if p.requires_grad]
+        self.adapter = Attached(kind, PeftRowConfig(kind), groups={"peft": names})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, input_ids: torch.Tensor, output_positions: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        logits = self.inner(input_ids=input_ids).logits
+        return logits if output_positions is None else logits[output_positions]
+
+
+# -- one row, in a subprocess -----------------------------------------------------------------------
+def peak_rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def build(row: Row):
+    import llama_adapter as la
+    from llama_adapter.methods.registry import config_from_dict
+    from llama_adapter.model.load import resolve_model_path
+
+    torch.manual_seed(0)
+    model, tok = la.load_pretrained("smollm2-135m")
+    if row.impl == "ours":
+        options = {k: v for k, v in row.method.items() if k != "name"}
+        la.attach(model, config_from_dict(row.method["name"], options))
+    elif row.impl.startswith("peft"):
+        model = PeftModel(row.impl, model.config, str(resolve_model_path("smollm2-135m", progress=False)))
+    return model, tok
+
+
+def sqa_examples(tok, problems, images: bool, kind: str):
+    """The problems as training examples (plain template); the few whose prompt fills 512 tokens are left out."""
+    from llama_adapter.data.multimodal import encode_conversation
+    from llama_adapter.data.tokenize import PromptTooLong
+    from llama_adapter.eval.scienceqa import scienceqa_conversations
+
+    out = []
+    for c in scienceqa_conversations(problems):
+        try:
+            out.append(encode_conversation(tok, c if images else type(c)(None, c.turns, c.source, c.meta), 512,
+                                           "plain", kind=kind))
+        except PromptTooLong:
+            pass
+    return out
+
+
+def train_row(row: Row, model, tok, train: dict, args, out_dir: Path) -> dict[str, Any]:
+    from llama_adapter.data.multimodal import collate_multimodal
+    from llama_adapter.train import TrainConfig, Trainer
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    cfg = TrainConfig(out_dir=str(out_dir), max_steps=args.steps, batch_size=args.batch, lr=row.lr,
+                      warmup_steps=max(1, args.steps // 10), precision="bf16", threads=args.threads,
+                      progress=False, resume=False, mix={k: 1.0 for k in train} if len(train) > 1 else {})
+    trainer = Trainer(model, cfg, train, collate_fn=lambda ex: collate_multimodal(ex, tok.pad_id))
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    return {"train_seconds": round(time.perf_counter() - t0, 1), "tokens_per_s": round(result.tokens_per_second, 1),
+            "final_train_loss": result.train_loss, "peak_memory_mb": round(peak_rss_bytes() / 2**20, 1)}
+
+
+def run_sqa_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
+    from llama_adapter.eval.scienceqa import dev_protocol_train, dev_protocol_val, evaluate_scienceqa, load_scienceqa
+    from llama_adapter.methods.registry import count_trainable
+
+    problems = load_scienceqa(SQA / "problems.json", SQA / "images", missing_images="text")
+    val = sorted(dev_protocol_val(problems), key=lambda p: int(p.pid))
+    val = val[:: max(1, len(val) // args.val_limit)][: args.val_limit] if args.val_limit else val
+    model, tok = build(row)
+    out: dict[str, Any] = {"row": row.name, "trainable_parameters": count_trainable(model) if row.impl != "none"
+                           else 0, "lr": row.lr if row.impl != "none" else None}
+    if row.impl != "none":
+        train_p = dev_protocol_train(problems)
+        if row.joint:
+            train = {"instruction": sqa_examples(tok, train_p, False, "instruction"),
+                     "vqa": [e for e in sqa_examples(tok, train_p, True, "vqa") if e.image is not None]}
+        else:
+            train = {"vqa": sqa_examples(tok, train_p, row.images, "vqa")}
+        out.update(train_row(row, model, tok, train, args, out_dir))
+    t0 = time.perf_counter()
+    res = evaluate_scienceqa(model, tok, val, mode="ranked", template="plain", images=row.images)
+    out.update({"eval_seconds": round(time.perf_counter() - t0, 1), "val_problems": len(val),
+                "accuracy": res.summary()})
+    return out
+
+
+def run_alpaca_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
+    from llama_adapter.data.formats import read_alpaca
+    from llama_adapter.data.instructions import encode_records
+    from llama_adapter.data.sources import DataConfig
+    from llama_adapter.eval.nll import held_out_alpaca, response_nll
+    from llama_adapter.methods.registry import count_trainable
+
+    model, tok = build(row)
+    out: dict[str, Any] = {"row": row.name, "trainable_parameters": count_trainable(model) if row.impl != "none"
+                           else 0, "lr": row.lr if row.impl != "none" else None}
+    if row.impl != "none":
+        records = read_alpaca(ALPACA / "alpaca_data_1k.json")
+        examples = encode_records(records, tok, DataConfig(train="-", template="alpaca", max_len=256,
+                                                           on_long_prompt="skip"))
+        out.update(train_row(row, model, tok, {"instruction": examples}, args, out_dir))
+    held = held_out_alpaca(ALPACA / "alpaca_data_1k.json", ALPACA / "alpaca_small_2k.json", args.nll_records)
+    out.update({"held_out_records": len(held), "held_out_response_nll": round(response_nll(model, tok, held), 4)})
+    return out
+
+
+# -- the parent: rows in subprocesses, then the table, JSON and chart ---------------------------------
+def child(args) -> None:
+    torch.set_num_threads(args.threads)
+    rows = {"sqa": SQA_ROWS, "alpaca": ALPACA_ROWS}[args.part]
+    row = next(r for r in rows if r.name == args.row)
+    with tempfile.TemporaryDirectory() as tmp:
+        fn = run_sqa_row if args.part == "sqa" else run_alpaca_row
+        result = fn(row, args, Path(tmp) / "run")
+    Path(args.child_out).write_text(json.dumps(result))
+
+
+def run_child(part: str, row: Row, args) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    cmd = [sys.executable, __file__, "--part", part, "--row", row.name, "--child-out", path,
+           "--steps", str(args.steps if part == "sqa" else args.alpaca_steps), "--batch", str(args.batch),
+           "--val-limit", str(args.val_limit), "--nll-records", str(args.nll_records), "--threads", str(args.threads)]
+    print(f"[{part}] {row.name} ...", flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = json.loads(Path(path).read_text())
+    os.unlink(path)
+    print(f"[{part}] {row.name}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def markdown(sqa: list[dict], alpaca: list[dict], args) -> str:
+    head = ("| method | overall | " + " | ".join(GROUPS) + " | trainable params | train s | tokens/s | peak RSS MB |")
+    lines = [f"ScienceQA dev protocol, SmolLM2-135M, {args.steps} steps x batch {args.batch} per trained row "
+             f"(ranked-choice accuracy, %, on {sqa[0]['val_problems']} validation problems):", "", head,
+             "|" + "---|" * (len(GROUPS) + 6)]
+    for r in sqa:
+        acc = r["accuracy"]
+        groups = acc.get("groups", {})
+        lines.append(f"| {r['row']} | {pct(acc['accuracy'])} | "
+                     + " | ".join(pct(groups.get(g)) for g in GROUPS)
+                     + f" | {r['trainable_parameters']:,} | {r.get('train_seconds', '-')} | "
+                       f"{r.get('tokens_per_s', '-')} | {r.get('peak_memory_mb', '-')} |")
+    lines += ["", f"Held-out Alpaca response NLL (per token, {alpaca[0]['held_out_records']} records) after "
+                  f"{args.alpaca_steps} steps x batch {args.batch} on alpaca_data_1k.json:", "",
+              "| method | NLL | trainable params | train s | tokens/s | peak RSS MB |", "|---|---|---|---|---|---|"]
+    for r in alpaca:
+        lines.append(f"| {r['row']} | {r['held_out_response_nll']:.4f} | {r['trainable_parameters']:,} | "
+                     f"{r.get('train_seconds', '-')} | {r.get('tokens_per_s', '-')} | {r.get('peak_memory_mb', '-')} |")
+    return "\n".join(lines)
+
+
+def chart(sqa: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["row"] for r in sqa]
+    overall = [100 * r["accuracy"]["accuracy"] for r in sqa]
+    img = [100 * (r["accuracy"].get("groups", {}).get("IMG") or 0) for r in sqa]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.bar([i - 0.2 for i in x], overall, width=0.4, label="overall")
+    ax.bar([i + 0.2 for i in x], img, width=0.4, label="IMG")
+    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.set_ylabel("ScienceQA dev-val accuracy, %")
+    ax.set_title("SmolLM2-135M, equal steps, ranked-choice")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--alpaca-steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--val-limit", type=int, default=100, help="validation problems, evenly spread (0: all)")
+    ap.add_argument("--nll-records", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    ap.add_argument("--rows", default="", help="row names to run, separated by ; (default: all)")
+    ap.add_argument("--name", default="compare_methods")
+    ap.add_argument("--part", choices=("sqa", "alpaca"), help=argparse.SUPPRESS)
+    ap.add_argument("--row", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.part:
+        return child(args)
+    wanted = {s.strip() for s in args.rows.split(";") if s.strip()}
+    t0 = time.perf_counter()
+    sqa = [run_child("sqa", r, args) for r in SQA_ROWS if not wanted or r.name in wanted]
+    alpaca = [run_child("alpaca", r, args) for r in ALPACA_ROWS if not wanted or r.name in wanted]
+    figures = {"scienceqa": sqa, "alpaca": alpaca, "steps": args.steps, "alpaca_steps": args.alpaca_steps,
+               "batch_size": args.batch, "val_limit": args.val_limit, "total_seconds": round(time.perf_counter() - t0)}
+    md = markdown(sqa, alpaca, args)
+    md += f"\n\nCommand: `{machine_info()['command']}`\n"
+    write_results(args.name, figures, md, machine_info(("transformers", "peft")))
+    chart(sqa, Path(__file__).resolve().parent / "results" / f"{args.name}.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
