@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from ..model.llama import LlamaLM
 from ..vision import GlobalMLPProjector
 from .prefix import GatedPrefix, check_prompt_options
 from .registry import Attached, Method, register
-from .visual import VisualFrontend, visual_preparers
+from .visual import VisualFrontend, install_visual, visual_preparers
 
 VISUAL_KEY = "visual_global"
 
@@ -58,8 +56,7 @@ def attach(model: LlamaLM, cfg: AdapterV1Config) -> Attached:
     # The frontend standardises each channel, so the projector needs no input norm of its own.
     proj = GlobalMLPProjector(frontend.encoder.global_dims, model.config.dim, cfg.visual_hidden,
                               input_norm=False, output_norm=cfg.visual_norm).to(model.device)
-    model.visual = nn.ModuleDict({"frontend": frontend, "proj": proj})
-    visual = [f"visual.proj.{n}" for n, _ in proj.named_parameters()]
+    visual, buffers = install_visual(model, frontend, proj)
 
     def extras(images, batch_size: int) -> dict:
         feats, has = frontend.features(images, batch_size, model.device)
@@ -69,8 +66,8 @@ def attach(model: LlamaLM, cfg: AdapterV1Config) -> Attached:
 
     prepare_inputs, prepare_batch = visual_preparers(extras)
     return Attached("adapter_v1", cfg, groups={"adapter": names, "visual": visual},
-                    lr_scale={"visual": cfg.visual_lr_scale}, buffers=frontend.state_buffer_names("visual.frontend."),
-                    prepare_inputs=prepare_inputs, prepare_batch=prepare_batch)
+                    lr_scale={"visual": cfg.visual_lr_scale}, buffers=buffers, prepare_inputs=prepare_inputs,
+                    prepare_batch=prepare_batch)
 
 
 METHOD = register(Method("adapter_v1", AdapterV1Config, attach))

@@ -27,7 +27,7 @@ from .adapter_v1 import attach_prompts
 from .lora import LoRA
 from .prefix import check_prompt_options
 from .registry import Attached, Method, register
-from .visual import VisualFrontend, visual_preparers
+from .visual import VisualFrontend, install_visual, visual_preparers
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISUAL_TOKENS, VISUAL_ROWS = "visual_tokens", "visual_rows"
@@ -111,8 +111,7 @@ def attach(model: LlamaLM, cfg: AdapterV2Config) -> Attached:
     enc = frontend.encoder
     proj = VisualQueryProjector(enc.token_dim, model.config.dim, n_queries=cfg.visual_queries,
                                 n_blocks=cfg.visual_blocks, width=cfg.visual_width).to(model.device)
-    model.visual = nn.ModuleDict({"frontend": frontend, "proj": proj})
-    visual = [f"visual.proj.{n}" for n, _ in proj.named_parameters()]
+    visual, buffers = install_visual(model, frontend, proj)
     for i in early:
         attach_prompts(model, range(i, i + 1), cfg.visual_queries, cfg.gate, VISUAL_TOKENS)
         model.layers[i].self_attn.prefix.row_key = VISUAL_ROWS
@@ -127,7 +126,7 @@ def attach(model: LlamaLM, cfg: AdapterV2Config) -> Attached:
     prepare_inputs, prepare_batch = visual_preparers(extras)
     return Attached("adapter_v2", cfg, groups={"instruction": instruction, "visual": visual},
                     kind_groups={"instruction": ["instruction"], "caption": ["visual"], "vqa": ["visual"]},
-                    buffers=frontend.state_buffer_names("visual.frontend."), prepare_inputs=prepare_inputs,
+                    buffers=buffers, prepare_inputs=prepare_inputs,
                     prepare_batch=prepare_batch)
 
 

@@ -21,19 +21,16 @@ from ..vision import FeatureCache, FeatureStandardizer, VisionFeatures, load_enc
 
 
 class VisualFrontend(nn.Module):
-    def __init__(self, spec: str, use_cache: bool = True, standardize: bool = True):
+    def __init__(self, spec: str, use_cache: bool = True):
         super().__init__()
         self.spec = spec
         self.encoder = load_encoder(spec).freeze()
-        self.standardizer = (FeatureStandardizer(self.encoder.global_dims, self.encoder.token_dim)
-                             if standardize else None)
+        self.standardizer = FeatureStandardizer(self.encoder.global_dims, self.encoder.token_dim)
         self.use_cache = use_cache
         self._cache: FeatureCache | None = None
 
     def state_buffer_names(self, prefix: str) -> list[str]:
         """The running statistics, which belong in the adapter checkpoint."""
-        if self.standardizer is None:
-            return []
         return [f"{prefix}standardizer.{n}" for n, _ in self.standardizer.named_buffers()]
 
     def _encode(self, images: list[Any]) -> VisionFeatures:
@@ -60,8 +57,7 @@ class VisualFrontend(nn.Module):
             return None, has
         has[present] = True
         feats = self._encode([images[i] for i in present]).to(device=device, dtype=torch.float32)
-        if self.standardizer is not None:
-            feats = self.standardizer(feats)
+        feats = self.standardizer(feats)
         if len(present) == batch_size:
             return feats, has
         index = torch.tensor(present, device=device)
@@ -71,6 +67,13 @@ class VisualFrontend(nn.Module):
             return full.index_copy(0, index, t)
 
         return VisionFeatures([scatter(g) for g in feats.globals], scatter(feats.tokens)), has
+
+
+def install_visual(model, frontend: VisualFrontend, proj: nn.Module) -> tuple[list[str], list[str]]:
+    """Place a frontend and its projector at `model.visual`; (the projector's parameter names, the
+    frontend's state buffer names), as the method's `Attached` lists them."""
+    model.visual = nn.ModuleDict({"frontend": frontend, "proj": proj})
+    return [f"visual.proj.{n}" for n, _ in proj.named_parameters()], frontend.state_buffer_names("visual.frontend.")
 
 
 def visual_preparers(extras: Callable[[Sequence[Any] | None, int], dict[str, Any]]):

@@ -21,7 +21,7 @@ def build_optimizer(params: dict[str, torch.nn.Parameter], lr: float, weight_dec
     for n, p in params.items():
         buckets.setdefault((float(lr_scales.get(n, 1.0)), decays(n, p)), []).append(p)
     groups = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale,
-               "lr": lr * scale} for (scale, decay), ps in sorted(buckets.items(), key=lambda kv: kv[0])]
+               "lr": lr * scale} for (scale, decay), ps in sorted(buckets.items())]
     # Parameters whose grad is None (another data kind's group) are skipped entirely by AdamW:
     # no moment update and no weight decay.
     return torch.optim.AdamW(groups, lr=lr, betas=betas)

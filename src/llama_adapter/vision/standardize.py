@@ -49,12 +49,11 @@ class _RunningMoments(nn.Module):
         self.count.fill_(n)
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.count.item() == 0:
-            return x
+        """Standardised x; x unchanged before any statistics (a `where`, not a host sync per forward)."""
         var = self.m2 / (self.count - 1).clamp_min(1)
         mean = self.mean.to(x.dtype)
         scale = (var + VARIANCE_FLOOR).rsqrt().to(x.dtype)
-        return ((x - mean) * scale).clamp(-CLIP, CLIP)
+        return torch.where(self.count > 0, ((x - mean) * scale).clamp(-CLIP, CLIP), x)
 
 
 class FeatureStandardizer(nn.Module):
