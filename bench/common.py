@@ -106,6 +106,29 @@ def memory_bandwidth(megabytes: int = 512, reps: int = 5) -> dict[str, float]:
     return {"read_gbps": nbytes / read / 1e9, "copy_gbps": 2 * nbytes / copy / 1e9, "buffer_mb": megabytes}
 
 
+def rss_bytes() -> int:
+    """The resident set size now."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux: writing 5 to /proc/self/clear_refs), so that what was
+    allocated before (loading a model) does not count in `peak_rss_bytes`."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM: the peak resident set size since the last reset."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def write_results(name: str, figures: dict[str, Any], table_md: str, machine: dict[str, Any] | None = None,
                   folder: Path = RESULTS) -> tuple[Path, Path]:
     """Write results/<name>.json (figures, plus `machine` under "machine" when given) and

@@ -22,6 +22,7 @@ before training) is its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, write_results  # noqa: E402
+from common import machine_info, peak_rss_bytes, reset_peak_rss, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -115,13 +116,6 @@ class PeftModel(torch.nn.Module):
 
 
 # -- one row, in a subprocess -----------------------------------------------------------------------
-def peak_rss_bytes() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def build(row: Row):
     import llama_adapter as la
     from llama_adapter.methods.registry import config_from_dict
@@ -137,6 +131,15 @@ def build(row: Row):
     return model, tok
 
 
+def row_header(row: Row, model) -> dict[str, Any]:
+    """What every row reports first: its name, trainable parameters and learning rate (none for zero-shot)."""
+    from llama_adapter.methods.registry import count_trainable
+
+    trained = row.impl != "none"
+    return {"row": row.name, "trainable_parameters": count_trainable(model) if trained else 0,
+            "lr": row.lr if trained else None}
+
+
 def sqa_examples(tok, problems, images: bool, kind: str):
     """The problems as training examples (plain template); the few whose prompt fills 512 tokens are left out."""
     from llama_adapter.data.multimodal import encode_conversation
@@ -146,8 +149,8 @@ def sqa_examples(tok, problems, images: bool, kind: str):
     out = []
     for c in scienceqa_conversations(problems):
         try:
-            out.append(encode_conversation(tok, c if images else type(c)(None, c.turns, c.source, c.meta), 512,
-                                           "plain", kind=kind))
+            out.append(encode_conversation(tok, c if images else dataclasses.replace(c, image=None), 512, "plain",
+                                           kind=kind))
         except PromptTooLong:
             pass
     return out
@@ -157,8 +160,7 @@ def train_row(row: Row, model, tok, train: dict, args, out_dir: Path) -> dict[st
     from llama_adapter.data.multimodal import collate_multimodal
     from llama_adapter.train import TrainConfig, Trainer
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak_rss()
     cfg = TrainConfig(out_dir=str(out_dir), max_steps=args.steps, batch_size=args.batch, lr=row.lr,
                       warmup_steps=max(1, args.steps // 10), precision="bf16", threads=args.threads,
                       progress=False, resume=False, mix={k: 1.0 for k in train} if len(train) > 1 else {})
@@ -171,14 +173,12 @@ def train_row(row: Row, model, tok, train: dict, args, out_dir: Path) -> dict[st
 
 def run_sqa_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
     from llama_adapter.eval.scienceqa import dev_protocol_train, dev_protocol_val, evaluate_scienceqa, load_scienceqa
-    from llama_adapter.methods.registry import count_trainable
 
     problems = load_scienceqa(SQA / "problems.json", SQA / "images", missing_images="text")
     val = sorted(dev_protocol_val(problems), key=lambda p: int(p.pid))
     val = val[:: max(1, len(val) // args.val_limit)][: args.val_limit] if args.val_limit else val
     model, tok = build(row)
-    out: dict[str, Any] = {"row": row.name, "trainable_parameters": count_trainable(model) if row.impl != "none"
-                           else 0, "lr": row.lr if row.impl != "none" else None}
+    out = row_header(row, model)
     if row.impl != "none":
         train_p = dev_protocol_train(problems)
         if row.joint:
@@ -199,11 +199,9 @@ def run_alpaca_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
     from llama_adapter.data.instructions import encode_records
     from llama_adapter.data.sources import DataConfig
     from llama_adapter.eval.nll import held_out_alpaca, response_nll
-    from llama_adapter.methods.registry import count_trainable
 
     model, tok = build(row)
-    out: dict[str, Any] = {"row": row.name, "trainable_parameters": count_trainable(model) if row.impl != "none"
-                           else 0, "lr": row.lr if row.impl != "none" else None}
+    out = row_header(row, model)
     if row.impl != "none":
         records = read_alpaca(ALPACA / "alpaca_data_1k.json")
         examples = encode_records(records, tok, DataConfig(train="-", template="alpaca", max_len=256,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, write_results  # noqa: E402
+from common import machine_info, peak_rss_bytes, reset_peak_rss, rss_bytes, write_results  # noqa: E402
 
 import llama_adapter as la  # noqa: E402
 from llama_adapter.data.formats import read_alpaca  # noqa: E402
@@ -107,27 +106,13 @@ def build(impl: str, config: str):
     return step, sum(p.numel() for p in params.values()), batch
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    """VmHWM: the peak resident set size since the last reset."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def memory_probe(impl: str, config: str) -> None:
     """Run in a subprocess: the peak RSS of training steps above the loaded model. The peak is
     reset after loading (writing 5 to /proc/self/clear_refs), so load-time spikes do not count."""
     torch.set_num_threads(2)
     step, _, _ = build(impl, config)
     before = rss_bytes()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak_rss()
     for _ in range(2):  # the second step also holds the optimizer state
         step()
     peak = peak_rss_bytes()
