@@ -106,6 +106,11 @@ def memory_bandwidth(megabytes: int = 512, reps: int = 5) -> dict[str, float]:
     return {"read_gbps": nbytes / read / 1e9, "copy_gbps": 2 * nbytes / copy / 1e9, "buffer_mb": megabytes}
 
 
+def bench_threads() -> int:
+    """Torch threads for a benchmark: $BENCH_THREADS, default 2 (all of this project's machine)."""
+    return int(os.environ.get("BENCH_THREADS", "2"))
+
+
 def rss_bytes() -> int:
     """The resident set size now."""
     import resource

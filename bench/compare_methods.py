@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, peak_rss_bytes, reset_peak_rss, write_results  # noqa: E402
+from common import bench_threads, machine_info, peak_rss_bytes, reset_peak_rss, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -291,7 +291,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--val-limit", type=int, default=100, help="validation problems, evenly spread (0: all)")
     ap.add_argument("--nll-records", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    ap.add_argument("--threads", type=int, default=bench_threads())
     ap.add_argument("--rows", default="", help="row names to run, separated by ; (default: all)")
     ap.add_argument("--name", default="compare_methods")
     ap.add_argument("--part", choices=("sqa", "alpaca"), help=argparse.SUPPRESS)

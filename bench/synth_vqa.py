@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, write_results  # noqa: E402
+from common import bench_threads, machine_info, write_results  # noqa: E402
 
 import llama_adapter as la  # noqa: E402
 from llama_adapter.data.multimodal import read_llava  # noqa: E402
@@ -63,7 +62,7 @@ def main() -> None:
                     help="also measure the held-out Alpaca response NLL on this many records")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(bench_threads())
 
     synth = Path(args.synth)
     if not (synth / "meta.json").is_file():

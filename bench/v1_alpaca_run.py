@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, write_results  # noqa: E402
+from common import bench_threads, machine_info, write_results  # noqa: E402
 
 import llama_adapter as la  # noqa: E402
 from llama_adapter.data.templates import alpaca_prompt  # noqa: E402
@@ -38,12 +37,12 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-v1-alpaca")
     ap.add_argument("--eval-records", type=int, default=200)
     args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(bench_threads())
 
     recipe = load_recipe(ROOT / "recipes" / "v1_smollm2_alpaca_cpu.yaml",
                          [f"data.train={DATA / 'alpaca_data_1k.json'}", f"train.max_steps={args.steps}",
                           f"train.out_dir={args.out}", "train.resume=false",
-                          f"train.threads={os.environ.get('BENCH_THREADS', '2')}"])
+                          f"train.threads={bench_threads()}"])
     shutil.rmtree(args.out, ignore_errors=True)
     held = held_out_alpaca(DATA / "alpaca_data_1k.json", DATA / "alpaca_small_2k.json", args.eval_records)
     demo = held[:5]
