@@ -122,12 +122,21 @@ def test_export_cli(tiny_folder, tmp_path, capsys):
         assert (exported(ids) - model(ids)).abs().max().item() < 1e-5
 
 
-def v2_vision(folder, tmp_path, monkeypatch):
+def v2_vision(folder, tmp_path, monkeypatch, **options):
     monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path / "cache"))
     model, tok = la.load_pretrained(folder)
     la.attach(model, la.AdapterV2Config(prompt_len=4, n_layers=2, vision="efficientnet-lite0", visual_layers=1,
-                                        visual_queries=3, visual_blocks=1, visual_width=32))
+                                        visual_queries=3, visual_blocks=1, visual_width=32, **options))
     return model, tok
+
+
+def test_visual_lr_scale_applies_to_the_visual_group_only(tiny_folder, tmp_path, monkeypatch):
+    model, _ = v2_vision(tiny_folder, tmp_path, monkeypatch, visual_lr_scale=4.0)
+    scales = model.adapter.lr_scales()
+    assert {scales[n] for n in model.adapter.groups["visual"]} == {4.0}
+    assert {scales[n] for n in model.adapter.groups["instruction"]} == {1.0}
+    with pytest.raises(ValueError, match="multipliers must be > 0"):
+        v2_vision(tiny_folder, tmp_path, monkeypatch, visual_lr_scale=0.0)
 
 
 def test_early_fusion_init_and_text_rows_untouched(tiny_folder, tmp_path, monkeypatch, synth):

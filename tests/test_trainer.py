@@ -87,6 +87,11 @@ def test_resume_reproduces_uninterrupted_losses(tiny_folder, tmp_path):
     assert len(losses_resumed) == 12
     assert losses_resumed[5:] == pytest.approx(losses_full[5:], rel=0, abs=1e-6)
 
+    model, _ = v1_model(tiny_folder)  # a fresh run in the same folder logs only its own steps
+    fresh = Trainer(model, config(tmp_path / "b", max_steps=4, resume=False), {"instruction": data}, pad_id=tok.pad_id)
+    fresh.fit()
+    assert [r["step"] for r in fresh.log.records() if "loss" in r] == [1, 2, 3, 4]
+
 
 def test_gradient_accumulation_equals_bigger_batch(tiny_folder, tmp_path):
     tok = la.load_pretrained(tiny_folder)[1]

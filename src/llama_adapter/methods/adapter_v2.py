@@ -48,6 +48,7 @@ class AdapterV2Config:
     visual_queries: int = 10
     visual_blocks: int = 2
     visual_width: int | None = 256  # width of the query blocks (None: the encoder's token width; 768 in the paper)
+    visual_lr_scale: float = 1.0  # the visual group's learning rate relative to the instruction group's
     feature_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -126,7 +127,7 @@ def attach(model: LlamaLM, cfg: AdapterV2Config) -> Attached:
     prepare_inputs, prepare_batch = visual_preparers(extras)
     return Attached("adapter_v2", cfg, groups={"instruction": instruction, "visual": visual},
                     kind_groups={"instruction": ["instruction"], "caption": ["visual"], "vqa": ["visual"]},
-                    buffers=buffers, prepare_inputs=prepare_inputs,
+                    lr_scale={"visual": cfg.visual_lr_scale}, buffers=buffers, prepare_inputs=prepare_inputs,
                     prepare_batch=prepare_batch)
 
 

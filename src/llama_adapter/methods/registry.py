@@ -27,8 +27,8 @@ class Attached:
     groups: dict[str, list[str]]
     # data kind -> the groups it trains (joint training); kinds not listed train every group
     kind_groups: dict[str, list[str]] = field(default_factory=dict)
-    # group name -> learning-rate multiplier (groups not listed: 1), e.g. V1's projector
-    # (`visual_lr_scale`): an MLP may want other steps than the prompts beside it
+    # group name -> learning-rate multiplier (groups not listed: 1), e.g. `visual_lr_scale` of V1
+    # and V2: a projector trained from scratch wants larger steps than tuned prompts and biases
     lr_scale: dict[str, float] = field(default_factory=dict)
     # buffers that are state, not trained, yet saved with the adapter (running feature statistics)
     buffers: list[str] = field(default_factory=list)
@@ -36,6 +36,11 @@ class Attached:
     # for generation (prepare_inputs) and for training batches (prepare_batch)
     prepare_inputs: Callable[..., Any] | None = None
     prepare_batch: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        bad = {g: s for g, s in self.lr_scale.items() if not s > 0}
+        if bad:
+            raise ValueError(f"{self.method}: learning-rate multipliers must be > 0, got {bad}")
 
     def parameter_names(self) -> list[str]:
         return [n for names in self.groups.values() for n in names]

@@ -191,7 +191,8 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self) -> None:
         folder = latest_checkpoint(self.out_dir) if self.cfg.resume else None
-        if folder is None:
+        if folder is None:  # a run from step 0: an earlier run's records in this folder are not its own
+            self.log.truncate_after(0)
             return
         from ..methods.io import load_adapter
 
