@@ -56,27 +56,29 @@ class Row:
     joint: bool = False  # V2 joint training: text steps (instruction group) and image steps (visual group)
 
 
+# Rows that both tables train, defined once so that the two tables compare the same configurations.
+ZERO_SHOT = Row("zero-shot", "none")
+V1 = Row("V1", "ours", {"name": "adapter_v1", "prompt_len": 10, "n_layers": 28})
+V2_TEXT = Row("V2 (no images)", "ours", {"name": "adapter_v2", "prompt_len": 10, "n_layers": 28}, lr=5e-3)
+LAVIN_TEXT = Row("LaVIN (no images)", "ours", {"name": "lavin", "vision": None})
+PEFT_ADAPTION_PROMPT = Row("PEFT AdaptionPrompt", "peft-adaption-prompt")
+PEFT_LORA = Row("PEFT LoRA r8 q,v", "peft-lora", lr=1e-3)
+
 SQA_ROWS = [
-    Row("zero-shot", "none"),
-    Row("V1", "ours", {"name": "adapter_v1", "prompt_len": 10, "n_layers": 28}),
+    ZERO_SHOT,
+    V1,
     Row("V1 multimodal", "ours", {"name": "adapter_v1", "prompt_len": 10, "n_layers": 28, "vision": ENCODER},
         images=True),
-    Row("V2 (no images)", "ours", {"name": "adapter_v2", "prompt_len": 10, "n_layers": 28}, lr=5e-3),
+    V2_TEXT,
     Row("V2", "ours", {"name": "adapter_v2", "prompt_len": 10, "n_layers": 28, "vision": ENCODER,
                        "visual_width": 256}, lr=5e-3, images=True, joint=True),
-    Row("LaVIN (no images)", "ours", {"name": "lavin", "vision": None}),
+    LAVIN_TEXT,
     Row("LaVIN", "ours", {"name": "lavin", "vision": ENCODER}, images=True),
-    Row("PEFT AdaptionPrompt", "peft-adaption-prompt"),
-    Row("PEFT LoRA r8 q,v", "peft-lora", lr=1e-3),
+    PEFT_ADAPTION_PROMPT,
+    PEFT_LORA,
 ]
-ALPACA_ROWS = [
-    Row("zero-shot", "none"),
-    Row("V1", "ours", {"name": "adapter_v1", "prompt_len": 10, "n_layers": 28}),
-    Row("V2", "ours", {"name": "adapter_v2", "prompt_len": 10, "n_layers": 28}, lr=5e-3),
-    Row("LaVIN (text-only path)", "ours", {"name": "lavin", "vision": None}),
-    Row("PEFT AdaptionPrompt", "peft-adaption-prompt"),
-    Row("PEFT LoRA r8 q,v", "peft-lora", lr=1e-3),
-]
+ALPACA_ROWS = [ZERO_SHOT, V1, dataclasses.replace(V2_TEXT, name="V2"),
+               dataclasses.replace(LAVIN_TEXT, name="LaVIN (text-only path)"), PEFT_ADAPTION_PROMPT, PEFT_LORA]
 
 
 # -- PEFT models behind our trainer ---------------------------------------------------------------
