@@ -130,13 +130,16 @@ def v2_vision(folder, tmp_path, monkeypatch, **options):
     return model, tok
 
 
-def test_visual_lr_scale_applies_to_the_visual_group_only(tiny_folder, tmp_path, monkeypatch):
-    model, _ = v2_vision(tiny_folder, tmp_path, monkeypatch, visual_lr_scale=4.0)
+def test_visual_and_projector_lr_scales_apply_to_their_parameters_only(tiny_folder, tmp_path, monkeypatch):
+    model, _ = v2_vision(tiny_folder, tmp_path, monkeypatch, visual_lr_scale=4.0, projector_lr_scale=0.25)
     scales = model.adapter.lr_scales()
-    assert {scales[n] for n in model.adapter.groups["visual"]} == {4.0}
+    visual = model.adapter.groups["visual"]
+    assert {scales[n] for n in visual if n.startswith("visual.proj.")} == {1.0}  # 4 x 0.25
+    assert {scales[n] for n in visual if not n.startswith("visual.proj.")} == {4.0}  # prompts and gates
     assert {scales[n] for n in model.adapter.groups["instruction"]} == {1.0}
-    with pytest.raises(ValueError, match="multipliers must be > 0"):
-        v2_vision(tiny_folder, tmp_path, monkeypatch, visual_lr_scale=0.0)
+    for bad in ({"visual_lr_scale": 0.0}, {"projector_lr_scale": -1.0}):
+        with pytest.raises(ValueError, match="multipliers must be > 0"):
+            v2_vision(tiny_folder, tmp_path, monkeypatch, **bad)
 
 
 def test_early_fusion_init_and_text_rows_untouched(tiny_folder, tmp_path, monkeypatch, synth):
@@ -181,3 +184,21 @@ def test_caption_steps_never_move_instruction_parameters_and_vice_versa(tiny_fol
         assert all(not torch.equal(params[n], before[n]) for n in groups[trained]), kind
         seen.add(kind)
     assert seen == {"caption", "instruction"}  # both kinds ran, each after the other had momentum
+
+
+def test_visual_prefix_is_scaled_to_its_layer_inputs_and_the_scale_is_saved(tiny_folder, tmp_path, monkeypatch):
+    model, _ = v2_vision(tiny_folder, tmp_path, monkeypatch)
+    weight = model.layers[0].input_layernorm.weight
+    prefix = model.layers[0].self_attn.prefix
+    assert prefix.input_scale.item() == pytest.approx(weight.pow(2).mean().sqrt().item())
+    assert model.layers[-1].self_attn.prefix.input_scale.item() == 1.0  # instruction prompts: unscaled
+    la.save_adapter(model, tmp_path / "adapter")
+    folded_base, _ = la.load_pretrained(tiny_folder)
+    with torch.no_grad():  # as if trained norms had been folded into the base before the reload
+        folded_base.layers[0].input_layernorm.weight.mul_(3.0)
+    la.load_adapter(folded_base, tmp_path / "adapter")
+    assert folded_base.layers[0].self_attn.prefix.input_scale.item() == pytest.approx(prefix.input_scale.item())
+    fixed, _ = v2_vision(tiny_folder, tmp_path, monkeypatch, visual_prompt_scale=0.5)
+    assert fixed.layers[0].self_attn.prefix.input_scale.item() == 0.5
+    with pytest.raises(ValueError, match="visual_prompt_scale must be > 0"):
+        la.AdapterV2Config(vision="efficientnet-lite0", visual_prompt_scale=0.0)

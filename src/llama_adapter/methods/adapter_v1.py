@@ -36,13 +36,13 @@ class AdapterV1Config:
 
 
 def attach_prompts(model: LlamaLM, layers: range, prompt_len: int, gate: str,
-                   add_key: str | None = None) -> list[str]:
+                   add_key: str | None = None, input_scale: float = 1.0) -> list[str]:
     """Give each layer in `layers` a gated prefix; return the new parameter names."""
     cfg = model.config
     names = []
     for i in layers:
         model.layers[i].self_attn.prefix = GatedPrefix(prompt_len, cfg.dim, cfg.n_heads, gate, add_key,
-                                                       device=model.device)
+                                                       device=model.device, input_scale=input_scale)
         names += [f"layers.{i}.self_attn.prefix.prompt", f"layers.{i}.self_attn.prefix.gate"]
     return names
 

@@ -49,6 +49,10 @@ class AdapterV2Config:
     visual_blocks: int = 2
     visual_width: int | None = 256  # width of the query blocks (None: the encoder's token width; 768 in the paper)
     visual_lr_scale: float = 1.0  # the visual group's learning rate relative to the instruction group's
+    projector_lr_scale: float = 1.0  # the query projector's, relative to the rest of the visual group
+    # Multiplier of the visual prefix before the first layers' key/value projections; None: the RMS
+    # of that layer's input-norm weight, the scale of the inputs those projections normally see
+    visual_prompt_scale: float | None = None
     feature_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -61,6 +65,8 @@ class AdapterV2Config:
             raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; choose among {', '.join(LINEARS)}")
         if self.vision and self.visual_layers < 1:
             raise ValueError(f"visual_layers must be >= 1 with an image encoder, got {self.visual_layers}")
+        if self.visual_prompt_scale is not None and not self.visual_prompt_scale > 0:
+            raise ValueError(f"visual_prompt_scale must be > 0 (or None: automatic), got {self.visual_prompt_scale}")
 
     def layer_split(self, model_layers: int) -> tuple[range, range]:
         """(early visual layers, late instruction layers), refused when they would overlap."""
@@ -101,6 +107,16 @@ def attach_bias_tuning(model: LlamaLM, cfg: AdapterV2Config) -> list[str]:
     return names
 
 
+def _visual_prompt_scale(model: LlamaLM, layer: int, fixed: float | None) -> float:
+    """The visual prompt (N(0, 1) prompt + LayerNorm-ed visual tokens) enters the first layers,
+    whose normalised inputs can be far smaller (RMS 0.05 in SmolLM2's layer 0): unscaled, its
+    values are 26x the layer's own there and its zero-init gate stays near zero."""
+    if fixed is not None:
+        return fixed
+    weight = model.layers[layer].input_layernorm.weight
+    return 1.0 if weight.is_meta else weight.detach().float().pow(2).mean().sqrt().item()
+
+
 def attach(model: LlamaLM, cfg: AdapterV2Config) -> Attached:
     early, late = cfg.layer_split(model.config.n_layers)
     instruction = attach_bias_tuning(model, cfg)
@@ -114,9 +130,10 @@ def attach(model: LlamaLM, cfg: AdapterV2Config) -> Attached:
                                 n_blocks=cfg.visual_blocks, width=cfg.visual_width).to(model.device)
     visual, buffers = install_visual(model, frontend, proj)
     for i in early:
-        attach_prompts(model, range(i, i + 1), cfg.visual_queries, cfg.gate, VISUAL_TOKENS)
+        visual += attach_prompts(model, range(i, i + 1), cfg.visual_queries, cfg.gate, VISUAL_TOKENS,
+                                 _visual_prompt_scale(model, i, cfg.visual_prompt_scale))
         model.layers[i].self_attn.prefix.row_key = VISUAL_ROWS
-        visual += [f"layers.{i}.self_attn.prefix.prompt", f"layers.{i}.self_attn.prefix.gate"]
+        buffers.append(f"layers.{i}.self_attn.prefix.input_scale")
 
     def extras(images, batch_size: int) -> dict:
         feats, has = frontend.features(images, batch_size, model.device)
@@ -127,8 +144,8 @@ def attach(model: LlamaLM, cfg: AdapterV2Config) -> Attached:
     prepare_inputs, prepare_batch = visual_preparers(extras)
     return Attached("adapter_v2", cfg, groups={"instruction": instruction, "visual": visual},
                     kind_groups={"instruction": ["instruction"], "caption": ["visual"], "vqa": ["visual"]},
-                    lr_scale={"visual": cfg.visual_lr_scale}, buffers=buffers, prepare_inputs=prepare_inputs,
-                    prepare_batch=prepare_batch)
+                    lr_scale={"visual": cfg.visual_lr_scale}, prefix_lr_scale={"visual.proj.": cfg.projector_lr_scale},
+                    buffers=buffers, prepare_inputs=prepare_inputs, prepare_batch=prepare_batch)
 
 
 METHOD = register(Method("adapter_v2", AdapterV2Config, attach))

@@ -34,12 +34,15 @@ class GatedPrefix(nn.Module):
     `add_key` names a per-example tensor in the forward context ([B, C] or [B, K, C]) that is
     added to the prompt (visual tokens in the multimodal variants). With `row_key`, the prefix
     acts only on the rows that the context's boolean [B] tensor of that name marks (V2's visual
-    prompts act on examples with an image, and not at all when no row has one).
+    prompts act on examples with an image, and not at all when no row has one). `input_scale`
+    multiplies prompt (+ added tokens) before the projections, to bring an N(0, 1) prompt to the
+    scale of what the layer's projections normally see (V2's visual prefix in layer 0, whose
+    normalised inputs are ~25x smaller in SmolLM2); a saved buffer, so folding norms keeps it.
     """
 
     def __init__(self, prompt_len: int, dim: int, n_heads: int, gate: str = "per_head_tanh",
                  add_key: str | None = None, device: torch.device | str | None = None,
-                 row_key: str | None = None):
+                 row_key: str | None = None, input_scale: float = 1.0):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
@@ -48,6 +51,7 @@ class GatedPrefix(nn.Module):
         self.row_key = row_key
         self.prompt = nn.Parameter(torch.randn(prompt_len, dim, device=device))
         self.gate = nn.Parameter(torch.zeros(n_heads if gate.startswith("per_head") else 1, device=device))
+        self.register_buffer("input_scale", torch.tensor(float(input_scale), device=device))
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None
         self._static_key: tuple | None = None
 
@@ -58,7 +62,7 @@ class GatedPrefix(nn.Module):
         prompt = self.prompt.to(dtype)[None]
         if extra is not None:
             prompt = prompt + (extra[:, None] if extra.dim() == 2 else extra).to(dtype)
-        return attn.project_kv(prompt)
+        return attn.project_kv(prompt * self.input_scale.to(dtype))
 
     def keys_values(self, attn: Attention, dtype: torch.dtype, ctx: ForwardContext):
         """Prompt keys/values [1 or B, G, K, d]. With gradients on they are always recomputed;
@@ -69,7 +73,8 @@ class GatedPrefix(nn.Module):
             return cache.prefix[attn.layer_idx]
         extra = ctx.extras.get(self.add_key) if self.add_key else None
         if extra is None and not torch.is_grad_enabled():
-            params = itertools.chain(self.parameters(), attn.k_proj.parameters(), attn.v_proj.parameters())
+            params = itertools.chain(self.parameters(), self.buffers(), attn.k_proj.parameters(),
+                                     attn.v_proj.parameters())
             dev = self.prompt.device.type
             amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
             key = (dtype, amp, str(self.prompt.device), tuple((id(p), p._version) for p in params))

@@ -30,6 +30,9 @@ class Attached:
     # group name -> learning-rate multiplier (groups not listed: 1), e.g. `visual_lr_scale` of V1
     # and V2: a projector trained from scratch wants larger steps than tuned prompts and biases
     lr_scale: dict[str, float] = field(default_factory=dict)
+    # parameter-name prefix -> a further multiplier inside its group (V2's query projector, a small
+    # transformer from scratch, diverges at the step size that its group's prompts and gates want)
+    prefix_lr_scale: dict[str, float] = field(default_factory=dict)
     # buffers that are state, not trained, yet saved with the adapter (running feature statistics)
     buffers: list[str] = field(default_factory=list)
     # optional: embeddings and per-example inputs for a prompt batch (images, modality tokens),
@@ -38,7 +41,7 @@ class Attached:
     prepare_batch: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
-        bad = {g: s for g, s in self.lr_scale.items() if not s > 0}
+        bad = {g: s for g, s in {**self.lr_scale, **self.prefix_lr_scale}.items() if not s > 0}
         if bad:
             raise ValueError(f"{self.method}: learning-rate multipliers must be > 0, got {bad}")
 
@@ -47,7 +50,10 @@ class Attached:
 
     def lr_scales(self) -> dict[str, float]:
         """{parameter name: learning-rate multiplier}."""
-        return {n: self.lr_scale.get(g, 1.0) for g, names in self.groups.items() for n in names}
+        def within(name: str) -> float:
+            return next((s for prefix, s in self.prefix_lr_scale.items() if name.startswith(prefix)), 1.0)
+
+        return {n: self.lr_scale.get(g, 1.0) * within(n) for g, names in self.groups.items() for n in names}
 
 
 @dataclass(frozen=True)
