@@ -187,15 +187,19 @@ def test_caption_steps_never_move_instruction_parameters_and_vice_versa(tiny_fol
 
 
 def test_visual_prefix_is_scaled_to_its_layer_inputs_and_the_scale_is_saved(tiny_folder, tmp_path, monkeypatch):
-    model, _ = v2_vision(tiny_folder, tmp_path, monkeypatch)
+    monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path / "cache"))
+    model, _ = la.load_pretrained(tiny_folder)
     weight = model.layers[0].input_layernorm.weight
+    with torch.no_grad():  # a layer whose normalised inputs are small, like SmolLM2's layer 0
+        weight.copy_(torch.linspace(0.01, 0.09, weight.numel()))
+    la.attach(model, la.AdapterV2Config(prompt_len=4, n_layers=2, vision="efficientnet-lite0", visual_queries=3,
+                                        visual_blocks=1, visual_width=32))
     prefix = model.layers[0].self_attn.prefix
     assert prefix.input_scale.item() == pytest.approx(weight.pow(2).mean().sqrt().item())
+    assert prefix.input_scale.item() < 0.1
     assert model.layers[-1].self_attn.prefix.input_scale.item() == 1.0  # instruction prompts: unscaled
     la.save_adapter(model, tmp_path / "adapter")
-    folded_base, _ = la.load_pretrained(tiny_folder)
-    with torch.no_grad():  # as if trained norms had been folded into the base before the reload
-        folded_base.layers[0].input_layernorm.weight.mul_(3.0)
+    folded_base, _ = la.load_pretrained(tiny_folder)  # its layer-0 norm differs, as after folding trained norms
     la.load_adapter(folded_base, tmp_path / "adapter")
     assert folded_base.layers[0].self_attn.prefix.input_scale.item() == pytest.approx(prefix.input_scale.item())
     fixed, _ = v2_vision(tiny_folder, tmp_path, monkeypatch, visual_prompt_scale=0.5)

@@ -36,8 +36,8 @@ class GatedPrefix(nn.Module):
     acts only on the rows that the context's boolean [B] tensor of that name marks (V2's visual
     prompts act on examples with an image, and not at all when no row has one). `input_scale`
     multiplies prompt (+ added tokens) before the projections, to bring an N(0, 1) prompt to the
-    scale of what the layer's projections normally see (V2's visual prefix in layer 0, whose
-    normalised inputs are ~25x smaller in SmolLM2); a saved buffer, so folding norms keeps it.
+    scale of what the layer's projections normally see (V2's visual prefix in the first layers;
+    SmolLM2's layer 0 sees inputs of RMS 0.05); a saved buffer, so folding norms keeps it.
     """
 
     def __init__(self, prompt_len: int, dim: int, n_heads: int, gate: str = "per_head_tanh",
