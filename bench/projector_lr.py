@@ -25,9 +25,10 @@ from common import bench_threads, machine_info, write_results  # noqa: E402
 
 from llama_adapter.data.synth import synthesize  # noqa: E402
 from llama_adapter.methods.visual import VisualFrontend  # noqa: E402
-from llama_adapter.vision import GlobalMLPProjector, VisionFeatures, VisualQueryProjector  # noqa: E402
+from llama_adapter.vision import GlobalMLPProjector, VisualQueryProjector  # noqa: E402
 
 LM_WIDTH = 576  # SmolLM2-135M, the width both projectors map to in the CPU recipes
+PROJECTORS = ("query (V2)", "global MLP (V1)")
 
 
 def single_shape_images(synth: Path, split: str) -> tuple[list[str], list[str]]:
@@ -36,13 +37,9 @@ def single_shape_images(synth: Path, split: str) -> tuple[list[str], list[str]]:
     return [str(synth / m["image"]) for m in rows], [m["shapes"][0]["colour"] for m in rows]
 
 
-def rows(feats: VisionFeatures, index: torch.Tensor) -> VisionFeatures:
-    return VisionFeatures([g[index] for g in feats.globals], feats.tokens[index])
-
-
 def build(kind: str, frontend: VisualFrontend) -> torch.nn.Module:
     enc = frontend.encoder
-    if kind == "query (V2)":
+    if kind == PROJECTORS[0]:
         return VisualQueryProjector(enc.token_dim, LM_WIDTH, n_queries=10, n_blocks=2, width=256)
     return GlobalMLPProjector(enc.global_dims, LM_WIDTH, hidden=256, input_norm=False)
 
@@ -52,13 +49,13 @@ def train_and_score(kind: str, frontend: VisualFrontend, train: tuple, test: tup
     torch.manual_seed(seed)
     (x_tr, y_tr), (x_te, y_te) = train, test
     proj = build(kind, frontend)
-    width = proj(rows(x_tr, torch.arange(1))).flatten(1).shape[-1]
+    width = proj(x_tr[0]).flatten(1).shape[-1]
     head = torch.nn.Linear(width, int(y_tr.max()) + 1)
     opt = torch.optim.AdamW([*proj.parameters(), *head.parameters()], lr=lr, betas=(0.9, 0.95), weight_decay=0.02)
     losses = []
     for _ in range(steps):
         idx = torch.randint(0, len(y_tr), (16,))
-        loss = F.cross_entropy(head(proj(rows(x_tr, idx)).flatten(1)), y_tr[idx])
+        loss = F.cross_entropy(head(proj(x_tr[idx]).flatten(1)), y_tr[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -93,9 +90,9 @@ def main() -> None:
             feats, _ = frontend.features(images, len(images), cpu)
         data.append((feats, torch.tensor([labels.setdefault(c, len(labels)) for c in colours])))
     results = [train_and_score(kind, frontend, data[0], data[1], lr, args.steps, seed)
-               for kind in ("query (V2)", "global MLP (V1)") for lr in args.lrs for seed in range(args.seeds)]
+               for kind in PROJECTORS for lr in args.lrs for seed in range(args.seeds)]
     table = ["| projector | lr | held-out colour accuracy (per seed) | final train loss |", "|---|---|---|---|"]
-    for kind in ("query (V2)", "global MLP (V1)"):
+    for kind in PROJECTORS:
         for lr in args.lrs:
             runs = [r for r in results if r["projector"] == kind and r["lr"] == lr]
             accuracies = " / ".join(f"{r['test_accuracy']:.0%}" for r in runs)
