@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from .configs import build_config
 from .data.sources import DataConfig
 from .methods.registry import config_from_dict
 from .model.config import ModelConfig
@@ -84,14 +85,6 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def _typed(cls: type, values: dict[str, Any], section: str) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"recipe: unknown key(s) {sorted(unknown)} in section {section!r}; known: {sorted(known)}")
-    return cls(**values)
-
-
 def _as_list(section: Any) -> list[dict[str, Any]]:
     if section is None:
         return []
@@ -112,8 +105,8 @@ def recipe_from_dict(tree: dict[str, Any], source: str = "recipe") -> Recipe:
             model=str(tree.get("model", "smollm2-135m")),
             shape=tree.get("shape"),
             method=dict(tree.get("method") or {"name": "adapter_v1"}),
-            data=[_typed(DataConfig, dict(d), "data") for d in _as_list(tree.get("data"))],
-            train=_typed(TrainConfig, dict(tree.get("train") or {}), "train"),
+            data=[build_config(DataConfig, dict(d), "section 'data'") for d in _as_list(tree.get("data"))],
+            train=build_config(TrainConfig, dict(tree.get("train") or {}), "section 'train'"),
             extra=dict(tree.get("extra") or {}),
         )
         recipe.method_config()  # validate now, with the recipe's name in the message

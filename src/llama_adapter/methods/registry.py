@@ -7,13 +7,13 @@ parameters it trains, in named groups (so V2's disjoint groups are data, not cod
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..configs import build_config
 from ..model.llama import LlamaLM
 
 
@@ -81,12 +81,7 @@ def method_for_config(cfg: Any) -> Method:
 def config_from_dict(name: str, values: dict[str, Any]) -> Any:
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    cls = REGISTRY[name].config_cls
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for method {name!r}; known: {sorted(known)}")
-    return cls(**values)
+    return build_config(REGISTRY[name].config_cls, values, f"the options of method {name!r}")
 
 
 def attach(model: LlamaLM, cfg: Any) -> LlamaLM:

@@ -1,0 +1,43 @@
+"""Building typed dataclass configs from loose mappings (YAML recipes, command-line overrides).
+
+YAML 1.1 reads `3e-3` (no dot) as a string, and a recipe value of the wrong type would
+otherwise fail deep inside training with an unrelated TypeError. Here numbers written as
+strings become numbers where the field is numeric, and anything else unknown or unusable
+is refused with the key's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+
+def _numeric_kind(annotation: Any) -> type | None:
+    """float or int when the field holds that number (optionally `| None`), else None."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = typing.get_args(annotation) if union else (annotation,)
+    for kind in (float, int):
+        if kind in options:
+            return kind
+    return None
+
+
+def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
+    """cls(**values), refusing unknown keys and converting numeric strings, with `where` in messages."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in {where}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    values = dict(values)
+    for key, value in values.items():
+        kind = _numeric_kind(hints[key])
+        if kind is None or not isinstance(value, str):
+            continue
+        try:
+            values[key] = kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
+        except ValueError:
+            raise ValueError(f"{where}: {key} must be a number, got {value!r}") from None
+    return cls(**values)
