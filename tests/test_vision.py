@@ -295,7 +295,7 @@ def effnet():
 
 def test_efficientnet_shapes(effnet):
     assert isinstance(effnet, EfficientNetLite0Encoder)
-    assert effnet.global_dims == [40, 112, 320, 1280] and effnet.token_dim == 1280 and effnet.n_tokens == 49
+    assert effnet.global_dims == [40, 112, 320, 1280] and effnet.token_dim == 1752 and effnet.n_tokens == 49
     assert sum(p.numel() for p in effnet.parameters()) == 4_652_008
     pixels = effnet.preprocess([blank_image((300, 200)), _pictures(1)[0]])
     assert pixels.shape == (2, 3, 224, 224)
@@ -305,8 +305,13 @@ def test_efficientnet_shapes(effnet):
         ref_map = effnet.net.extract_features(pixels)
         ref_logits = effnet.net(pixels)
     assert [tuple(g.shape) for g in feats.globals] == [(2, 40), (2, 112), (2, 320), (2, 1280)]
-    assert feats.tokens.shape == (2, 49, 1280)
-    torch.testing.assert_close(feats.tokens, ref_map.flatten(2).transpose(1, 2))
+    assert feats.tokens.shape == (2, 49, 1752)
+    torch.testing.assert_close(feats.tokens[..., -1280:], ref_map.flatten(2).transpose(1, 2))
+    # Every cell holds all four maps pooled to 7x7, so each slice averages back to its global.
+    slices = torch.split(feats.tokens, effnet.global_dims, dim=-1)
+    for g, cells in zip(feats.globals, slices):
+        torch.testing.assert_close(cells.mean(1), g, rtol=1e-4, atol=1e-5)
+    assert slices[0].std(1).mean() > 0.1 * slices[0].abs().mean()  # the stride-8 slice varies over the grid
     torch.testing.assert_close(effnet.net._fc(feats.globals[-1]), ref_logits)
     with pytest.raises(ValueError, match="not a vision transformer"):
         effnet.set_pre_attention_adapter(0, torch.nn.Identity())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -394,6 +395,7 @@ class SiglipEncoder(_HFViTEncoder):
 
 # Last block of the stages at strides 8, 16 and 32 (widths 40, 112, 320 at 28x28, 14x14, 7x7).
 EFFICIENTNET_TAP_BLOCKS = (4, 10, 15)
+EFFICIENTNET_GRID = 7  # the head's grid; the 28x28 and 14x14 stages are average-pooled to it
 # The TensorFlow Lite builder's normalisation (x - 127) / 128 on 0..255 pixels; the weights'
 # first batch-norm statistics match it (the ImageNet mean/std of the package demo is 2.4x off).
 EFFICIENTNET_MEAN = 127.0
@@ -401,11 +403,14 @@ EFFICIENTNET_STD = 128.0
 
 
 class EfficientNetLite0Encoder(ImageEncoder):
-    """ImageNet EfficientNet-Lite0 (4.65M params): multi-scale pooled globals, 7x7 head grid as 49 tokens.
+    """ImageNet EfficientNet-Lite0 (4.65M params): multi-scale pooled globals, a multi-scale 7x7 grid as 49 tokens.
 
     globals: global-average-pooled outputs of the stride-8, 16 and 32 stages and of the
-    1280-wide head (dims 40, 112, 320, 1280). tokens: the head's 7x7 map, [B, 49, 1280].
-    Preprocessing: shorter side to 224 (bicubic), centre crop 224x224, (x - 127) / 128.
+    1280-wide head (dims 40, 112, 320, 1280). tokens: the same four maps average-pooled to
+    the head's 7x7 grid and concatenated per cell, [B, 49, 1752]. The head alone is nearly
+    colour-blind (ImageNet training augments colour away) while the stride-8 stage is mostly
+    colour, so a grid of the head only left V2's visual tokens without the colour a ViT's
+    patch tokens carry. Preprocessing: shorter side to 224 (bicubic), centre crop, (x - 127) / 128.
     """
 
     def __init__(self, weights_path: str | Path | None = None) -> None:
@@ -431,8 +436,8 @@ class EfficientNetLite0Encoder(ImageEncoder):
         self.image_size = 224
         self.global_dims = [self.net._blocks[i]._block_args.output_filters for i in EFFICIENTNET_TAP_BLOCKS]
         self.global_dims.append(self.net._conv_head.out_channels)
-        self.token_dim = self.net._conv_head.out_channels
-        self.n_tokens = 49
+        self.token_dim = sum(self.global_dims)
+        self.n_tokens = EFFICIENTNET_GRID**2
         self.freeze()
 
     def _backbone(self) -> nn.Module:
@@ -469,8 +474,9 @@ class EfficientNetLite0Encoder(ImageEncoder):
 
     def forward(self, pixels: torch.Tensor) -> VisionFeatures:
         head, taps = self._head_and_taps(pixels)
-        globals_ = [t.mean(dim=(2, 3)) for t in taps] + [head.mean(dim=(2, 3))]
-        return VisionFeatures(globals_, head.flatten(2).transpose(1, 2))
+        maps = [*taps, head]
+        grid = torch.cat([F.adaptive_avg_pool2d(m, EFFICIENTNET_GRID) for m in maps], dim=1)
+        return VisionFeatures([m.mean(dim=(2, 3)) for m in maps], grid.flatten(2).transpose(1, 2))
 
     def classify(self, images: Sequence[ImageSource]) -> torch.Tensor:
         """ImageNet logits [B, 1000] from the model's own classifier (a check that it really sees)."""
