@@ -22,6 +22,7 @@ from llama_adapter.vision import (
     VisualQueryProjector,
     blank_image,
     default_vit_layers,
+    grid_position_embedding,
     image_digest,
     load_encoder,
     load_image,
@@ -433,6 +434,21 @@ def test_projector_shapes():
     mixed = LavinNeck([40, 112, 40], 48, hidden=16)
     assert mixed(feats.globals[:1] + [feats.globals[1], torch.randn(2, 40)]).shape == (2, 3, 48)
     assert _n_params(mixed) == (40 * 16 + 16) + (112 * 16 + 16) + (16 * 48 + 48)
+
+
+def test_query_projector_knows_where_each_cell_is():
+    emb = grid_position_embedding(49, 64)
+    assert emb.shape == (49, 64) and emb.abs().max() <= 1.0
+    dists = torch.cdist(emb, emb) + torch.eye(49) * 1e3
+    assert dists.min() > 0.5  # every cell has its own code
+    row_part, col_part = emb[:, :32], emb[:, 32:]
+    assert torch.equal(row_part[0], row_part[6]) and not torch.equal(row_part[0], row_part[7])  # same row
+    assert torch.equal(col_part[0], col_part[7]) and not torch.equal(col_part[0], col_part[1])  # same column
+    torch.manual_seed(0)
+    vq = VisualQueryProjector(16, 24, n_queries=3, n_blocks=1).eval()
+    grid = torch.randn(1, 49, 16)
+    mirrored = grid.view(1, 7, 7, 16).flip(2).reshape(1, 49, 16)  # the same cells, left and right swapped
+    assert (vq(grid) - vq(mirrored)).abs().max() > 1e-3
 
 
 def test_lavin_neck_paper_count_and_meta():

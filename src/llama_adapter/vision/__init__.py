@@ -13,7 +13,7 @@ from .encoders import (
     load_encoder,
 )
 from .images import ImageSource, blank_image, image_digest, load_image, to_rgb
-from .projectors import GlobalMLPProjector, LavinNeck, QueryBlock, VisualQueryProjector
+from .projectors import GlobalMLPProjector, LavinNeck, QueryBlock, VisualQueryProjector, grid_position_embedding
 from .standardize import FeatureStandardizer
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "SiglipEncoder",
     "VisionFeatures",
     "VisualQueryProjector",
+    "grid_position_embedding",
     "blank_image",
     "default_vit_layers",
     "image_digest",

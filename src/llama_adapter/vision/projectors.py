@@ -7,6 +7,7 @@ into a token of its own. All are plain fp32 modules that can be built on the met
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -98,12 +99,34 @@ class QueryBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def grid_position_embedding(n_tokens: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed 2-D sine-cosine embedding [n_tokens, width] of a square grid (1-D when N is not a square).
+
+    Half the channels encode the row, half the column, each as sines and cosines at geometric
+    frequencies; values lie in [-1, 1], the scale of the LayerNorm-ed tokens they are added to.
+    """
+    side = math.isqrt(n_tokens)
+    idx = torch.arange(n_tokens, device=device, dtype=torch.float32)
+    coords = [idx // side, idx % side] if side * side == n_tokens else [idx]
+    per_coord = width // (2 * len(coords))
+    freqs = 10000.0 ** (-torch.arange(per_coord, device=device, dtype=torch.float32) / max(per_coord, 1))
+    parts = []
+    for c in coords:
+        angles = c[:, None] * freqs[None, :]
+        parts += [angles.sin(), angles.cos()]
+    emb = torch.cat(parts, dim=1)
+    return F.pad(emb, (0, width - emb.shape[1])).to(dtype or torch.float32)
+
+
 class VisualQueryProjector(nn.Module):
     """V2: learnable queries mixed with the encoder's token grid; the query outputs become visual tokens.
 
-    tokens [B, N, token_dim] -> Linear + LayerNorm (to `width`, default token_dim) -> prepend
-    n_queries learnable queries -> n_blocks QueryBlocks -> first n_queries -> Linear + LayerNorm
-    -> [B, n_queries, out_dim]. A `width` below token_dim keeps the blocks small on wide CNN grids.
+    tokens [B, N, token_dim] -> Linear + LayerNorm (to `width`, default token_dim) + a fixed 2-D
+    position embedding -> prepend n_queries learnable queries -> n_blocks QueryBlocks -> first
+    n_queries -> Linear + LayerNorm -> [B, n_queries, out_dim]. Without the position embedding the
+    blocks are blind to where a cell is (attention is permutation-invariant, and a CNN's cells
+    carry almost no absolute position), so "which shape is left of which" could not be answered.
+    A `width` below token_dim keeps the blocks small on wide CNN grids.
     """
 
     def __init__(self, token_dim: int, out_dim: int, n_queries: int = 10, n_blocks: int = 2,
@@ -129,6 +152,7 @@ class VisualQueryProjector(nn.Module):
         if tokens.dim() != 3 or tokens.shape[-1] != self.token_dim:
             raise ValueError(f"VisualQueryProjector expects tokens [B, N, {self.token_dim}], got {tuple(tokens.shape)}")
         x = self.in_norm(self.in_proj(tokens))
+        x = x + grid_position_embedding(x.shape[1], self.width, x.device, x.dtype)
         queries = self.queries.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
         x = torch.cat([queries, x], dim=1)
         for block in self.blocks:
