@@ -23,7 +23,8 @@ def test_exponent_numbers_without_a_dot_become_numbers():
 
 @pytest.mark.parametrize("override, message", [
     ("train.lr=fast", "section 'train': lr must be a number, got 'fast'"),
-    ("train.max_steps=many", "section 'train': max_steps must be a number, got 'many'"),
+    ("train.max_steps=many", "section 'train': max_steps must be an integer, got 'many'"),
+    ("train.max_steps=2.5e0", "section 'train': max_steps must be an integer, got '2.5e0'"),
     ("train.nope=1", "unknown key(s) ['nope'] in section 'train'"),
     ("method.nope=1", "unknown key(s) ['nope'] in the options of method 'lavin'"),
     ("data.0.nope=1", "unknown key(s) ['nope'] in section 'data'"),

@@ -39,5 +39,6 @@ def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
         try:
             values[key] = kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
         except ValueError:
-            raise ValueError(f"{where}: {key} must be a number, got {value!r}") from None
+            wanted = "an integer" if kind is int else "a number"
+            raise ValueError(f"{where}: {key} must be {wanted}, got {value!r}") from None
     return cls(**values)
