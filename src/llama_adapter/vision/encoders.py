@@ -407,10 +407,11 @@ class EfficientNetLite0Encoder(ImageEncoder):
 
     globals: global-average-pooled outputs of the stride-8, 16 and 32 stages and of the
     1280-wide head (dims 40, 112, 320, 1280). tokens: the same four maps average-pooled to
-    the head's 7x7 grid and concatenated per cell, [B, 49, 1752]. The head alone is nearly
-    colour-blind (ImageNet training augments colour away) while the stride-8 stage is mostly
-    colour, so a grid of the head only left V2's visual tokens without the colour a ViT's
-    patch tokens carry. Preprocessing: shorter side to 224 (bicubic), centre crop, (x - 127) / 128.
+    the head's 7x7 grid and concatenated per cell, [B, 49, 1752], so V2's grid sees the same
+    scales as the globals: colour is plainest in the stride-8 stage, which the head's ImageNet
+    training partly discards (on it alone V2's query projector learned the synthetic colours to
+    90-92%, on this grid to 93-97%: bench/projector_lr.py). Preprocessing: shorter side to 224
+    (bicubic), centre crop, (x - 127) / 128.
     """
 
     def __init__(self, weights_path: str | Path | None = None) -> None:
