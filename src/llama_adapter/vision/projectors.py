@@ -125,7 +125,7 @@ class VisualQueryProjector(nn.Module):
     position embedding -> prepend n_queries learnable queries -> n_blocks QueryBlocks -> first
     n_queries -> Linear + LayerNorm -> [B, n_queries, out_dim]. Without the position embedding the
     blocks are blind to where a cell is (attention is permutation-invariant, and a CNN's cells
-    carry almost no absolute position), so "which shape is left of which" could not be answered.
+    carry little absolute position), so "which shape is left of which" could not be answered.
     A `width` below token_dim keeps the blocks small on wide CNN grids.
     """
 
