@@ -37,8 +37,11 @@ def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
         if kind is None or not isinstance(value, str):
             continue
         try:
-            values[key] = kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
+            number = float(value)  # also reads "1e3" for an integer field
         except ValueError:
+            number = None
+        if number is None or (kind is int and not number.is_integer()):
             wanted = "an integer" if kind is int else "a number"
-            raise ValueError(f"{where}: {key} must be {wanted}, got {value!r}") from None
+            raise ValueError(f"{where}: {key} must be {wanted}, got {value!r}")
+        values[key] = kind(number)
     return cls(**values)
