@@ -9,6 +9,8 @@ conversations; rows with images get the problem's image through their method, th
 text alone. Accuracy is ranked-choice (the option whose "The answer is X." is most likely),
 because a 135M model formats poorly. V2 with images alternates text-only steps (its instruction
 group) with image steps (its visual group) on the same problems, as its joint training does.
+Each of our rows takes the method options and learning rate of its committed CPU recipe
+(recipes/*_cpu.yaml); PEFT's AdaptionPrompt takes V1's learning rate, being the same method.
 
 Alpaca rows: trained on alpaca_data_1k.json, scored by the mean per-token NLL of the reference
 responses of the alpaca_small_2k.json records whose instruction is not in the 1k file.
@@ -51,29 +53,37 @@ class Row:
     name: str
     impl: str  # "ours", "peft-adaption-prompt", "peft-lora", or "none" (zero-shot)
     method: dict[str, Any] = field(default_factory=dict)  # our method: {"name": ..., options}
-    lr: float = 1e-2
+    lr: float | None = None  # None: not trained (zero-shot)
     images: bool = False  # train and evaluate with the problems' images
     joint: bool = False  # V2 joint training: text steps (instruction group) and image steps (visual group)
 
 
+def from_recipe(name: str, recipe: str, images: bool = False, joint: bool = False, **method: Any) -> Row:
+    """A row of ours with the method options and learning rate of a committed CPU recipe (with
+    `method` overriding options), so the comparison runs what the recipes recommend."""
+    from llama_adapter.recipe import load_recipe
+
+    r = load_recipe(ROOT / "recipes" / recipe)
+    return Row(name, "ours", {**r.method, **method}, lr=float(r.train.lr), images=images, joint=joint)
+
+
+V2_RECIPE, LAVIN_RECIPE = "v2_smollm2_synth_alpaca_cpu.yaml", "lavin_smollm2_synth_cpu.yaml"
 # Rows that both tables train, defined once so that the two tables compare the same configurations.
 ZERO_SHOT = Row("zero-shot", "none")
-V1 = Row("V1", "ours", {"name": "adapter_v1", "prompt_len": 10, "n_layers": 28})
-V2_TEXT = Row("V2 (no images)", "ours", {"name": "adapter_v2", "prompt_len": 10, "n_layers": 28}, lr=5e-3)
-LAVIN_TEXT = Row("LaVIN (no images)", "ours", {"name": "lavin", "vision": None})
-PEFT_ADAPTION_PROMPT = Row("PEFT AdaptionPrompt", "peft-adaption-prompt")
+V1 = from_recipe("V1", "v1_smollm2_alpaca_cpu.yaml")
+V2_TEXT = from_recipe("V2 (no images)", V2_RECIPE, vision=None)
+LAVIN_TEXT = from_recipe("LaVIN (no images)", LAVIN_RECIPE, vision=None)
+PEFT_ADAPTION_PROMPT = Row("PEFT AdaptionPrompt", "peft-adaption-prompt", lr=V1.lr)  # the same method as V1
 PEFT_LORA = Row("PEFT LoRA r8 q,v", "peft-lora", lr=1e-3)
 
 SQA_ROWS = [
     ZERO_SHOT,
     V1,
-    Row("V1 multimodal", "ours", {"name": "adapter_v1", "prompt_len": 10, "n_layers": 28, "vision": ENCODER},
-        images=True),
+    from_recipe("V1 multimodal", "v1mm_smollm2_synth_cpu.yaml", images=True),
     V2_TEXT,
-    Row("V2", "ours", {"name": "adapter_v2", "prompt_len": 10, "n_layers": 28, "vision": ENCODER,
-                       "visual_width": 256}, lr=5e-3, images=True, joint=True),
+    from_recipe("V2", V2_RECIPE, images=True, joint=True),
     LAVIN_TEXT,
-    Row("LaVIN", "ours", {"name": "lavin", "vision": ENCODER}, images=True),
+    from_recipe("LaVIN", LAVIN_RECIPE, images=True),
     PEFT_ADAPTION_PROMPT,
     PEFT_LORA,
 ]
