@@ -44,7 +44,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SQA = SHARED / "scienceqa"
 ALPACA = SHARED / "alpaca"
-ENCODER = "efficientnet-lite0"
 GROUPS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 
 
