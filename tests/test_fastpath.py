@@ -47,3 +47,16 @@ def test_folded_v2_model_uses_the_compiled_step(tiny_folder):
     assert state.compiled_steps > 0
     la.disable_compiled_decode(eager)
     assert tokens(eager, tok, ["the lazy dog"]) == with_graph
+
+
+def test_head_in_pieces_equals_one_linear(monkeypatch):
+    from llama_adapter.model import fastpath
+
+    monkeypatch.setattr(fastpath, "HEAD_ROWS_PER_PIECE", 7)  # 30 rows: pieces of 7, 7, 7, 7, 2
+    gen = torch.Generator().manual_seed(0)
+    x, norm = torch.randn(2, 16, generator=gen), torch.randn(16, generator=gen)
+    w, b = torch.randn(30, 16, generator=gen), torch.randn(30, generator=gen)
+    for bias in (None, b):
+        want = torch.nn.functional.linear(fastpath._rms(x, norm, 1e-5), w, bias)
+        got = fastpath._head_step(x, norm, 1e-5, w, bias, use_gemv=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
