@@ -114,8 +114,9 @@ def _head_step(x: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor,
     h = _rms(x, norm, eps)
     if not use_gemv:
         return F.linear(h, w, b)
-    biases = b.split(HEAD_ROWS_PER_PIECE) if b is not None else [None] * -(-w.shape[0] // HEAD_ROWS_PER_PIECE)
-    return torch.cat([_gemv(h, wp, bp) for wp, bp in zip(w.split(HEAD_ROWS_PER_PIECE), biases)], -1)
+    pieces = w.split(HEAD_ROWS_PER_PIECE)
+    biases = b.split(HEAD_ROWS_PER_PIECE) if b is not None else [None] * len(pieces)
+    return torch.cat([_gemv(h, wp, bp) for wp, bp in zip(pieces, biases)], -1)
 
 
 def _has_torch_hooks(m: nn.Module) -> bool:
