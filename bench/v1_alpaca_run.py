@@ -5,6 +5,9 @@ alpaca_small_2k.json whose instruction is not in the 1k file), and a few generat
 before and after, into bench/results/v1_alpaca_run.{json,md,png}.
 
     python bench/v1_alpaca_run.py --steps 300
+
+`--name` writes bench/results/<name>.* instead, and trailing `section.key=value` arguments
+override the recipe (for controls such as a longer run at another max_len).
 """
 
 from __future__ import annotations
@@ -36,13 +39,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="runs/bench-v1-alpaca")
     ap.add_argument("--eval-records", type=int, default=200)
+    ap.add_argument("--name", default="v1_alpaca_run")
+    ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(bench_threads())
 
     recipe = load_recipe(ROOT / "recipes" / "v1_smollm2_alpaca_cpu.yaml",
                          [f"data.train={DATA / 'alpaca_data_1k.json'}", f"train.max_steps={args.steps}",
                           f"train.out_dir={args.out}", "train.resume=false",
-                          f"train.threads={bench_threads()}"])
+                          f"train.threads={bench_threads()}", *args.overrides])
     shutil.rmtree(args.out, ignore_errors=True)
     held = held_out_alpaca(DATA / "alpaca_data_1k.json", DATA / "alpaca_small_2k.json", args.eval_records)
     demo = held[:5]
@@ -60,7 +65,7 @@ def main() -> None:
     nll_after = response_nll(model, tok, held)
     after = la.generate(model, tok, prompts, max_new_tokens=64)
 
-    shutil.copy(Path(args.out) / "loss.png", ROOT / "bench" / "results" / "v1_alpaca_run.png")
+    shutil.copy(Path(args.out) / "loss.png", ROOT / "bench" / "results" / f"{args.name}.png")
     log = [json.loads(x) for x in (Path(args.out) / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     figures = {
@@ -75,7 +80,7 @@ def main() -> None:
         "recipe": recipe.to_dict(),
     }
     rows = ["| measure | value |", "|---|---|",
-            f"| steps (batch 4 x <=256 tokens) | {result.steps} |",
+            f"| steps (batch {recipe.train.batch_size} x <={recipe.data[0].max_len} tokens) | {result.steps} |",
             f"| trainable parameters | {figures['trainable_parameters']:,} |",
             f"| training time on this CPU | {train_seconds / 60:.1f} min ({result.tokens_per_second:.0f} tokens/s) |",
             f"| train loss, first 20 / last 20 steps | {figures['train_loss_first_20_mean']:.3f} / "
@@ -85,8 +90,9 @@ def main() -> None:
     for g in figures["generations"]:
         cells = [g["instruction"] + (f" ({g['input']})" if g["input"] else ""), g["before"], g["after"]]
         gens.append("| " + " | ".join(c.replace("\n", " ").replace("|", "/")[:160] for c in cells) + " |")
-    table = "\n".join(rows + gens) + "\n\n![loss curve](v1_alpaca_run.png)\n"
-    write_results("v1_alpaca_run", figures, table, machine_info())
+    table = "\n".join(rows + gens) + f"\n\n![loss curve]({args.name}.png)\n"
+    table += f"\nCommand: `python bench/v1_alpaca_run.py {' '.join(sys.argv[1:])}`\n"
+    write_results(args.name, figures, table, machine_info())
     print(table)
 
 
