@@ -2,8 +2,8 @@
 
 YAML 1.1 reads `3e-3` (no dot) as a string, and a recipe value of the wrong type would
 otherwise fail deep inside training with an unrelated TypeError. Here numbers written as
-strings become numbers where the field is numeric, and anything else unknown or unusable
-is refused with the key's name.
+strings become numbers where the field is numeric, a whole float given for an integer field
+becomes that integer, and anything else unknown or unusable is refused with the key's name.
 """
 
 from __future__ import annotations
@@ -34,12 +34,15 @@ def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
     values = dict(values)
     for key, value in values.items():
         kind = _numeric_kind(hints[key])
-        if kind is None or not isinstance(value, str):
+        if kind is None or not isinstance(value, (str, float)):
             continue
-        try:
-            number = float(value)  # also reads "1e3" for an integer field
-        except ValueError:
-            number = None
+        if isinstance(value, float):
+            number = value  # YAML's 700.0 for an integer field is 700; 700.5 is refused
+        else:
+            try:
+                number = float(value)  # also reads "1e3" for an integer field
+            except ValueError:
+                number = None
         if number is None or (kind is int and not number.is_integer()):
             wanted = "an integer" if kind is int else "a number"
             raise ValueError(f"{where}: {key} must be {wanted}, got {value!r}")
