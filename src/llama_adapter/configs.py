@@ -36,13 +36,10 @@ def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
         kind = _numeric_kind(hints[key])
         if kind is None or not isinstance(value, (str, float)):
             continue
-        if isinstance(value, float):
-            number = value  # YAML's 700.0 for an integer field is 700; 700.5 is refused
-        else:
-            try:
-                number = float(value)  # also reads "1e3" for an integer field
-            except ValueError:
-                number = None
+        try:
+            number = float(value)  # reads "1e3", and YAML's 700.0, for an integer field
+        except ValueError:
+            number = None
         if number is None or (kind is int and not number.is_integer()):
             wanted = "an integer" if kind is int else "a number"
             raise ValueError(f"{where}: {key} must be {wanted}, got {value!r}")
