@@ -137,10 +137,11 @@ def peak_rss_bytes() -> int:
 def write_results(name: str, figures: dict[str, Any], table_md: str, machine: dict[str, Any] | None = None,
                   folder: Path = RESULTS) -> tuple[Path, Path]:
     """Write results/<name>.json (figures, plus `machine` under "machine" when given) and
-    results/<name>.md (the markdown report)."""
+    results/<name>.md (the markdown report, ending with the command that made it when `machine` is given)."""
     folder.mkdir(parents=True, exist_ok=True)
     if machine is not None:
         figures = {**figures, "machine": machine}
+        table_md = f"{table_md.rstrip()}\n\nCommand: `{machine['command']}`"
     js, md = folder / f"{name}.json", folder / f"{name}.md"
     js.write_text(json.dumps(figures, indent=2) + "\n")
     md.write_text(table_md.rstrip() + "\n")

@@ -318,7 +318,6 @@ def main() -> None:
     figures = {"scienceqa": sqa, "alpaca": alpaca, "steps": args.steps, "alpaca_steps": args.alpaca_steps,
                "batch_size": args.batch, "val_limit": args.val_limit, "total_seconds": round(time.perf_counter() - t0)}
     md = markdown(sqa, alpaca, args)
-    md += f"\n\nCommand: `{machine_info()['command']}`\n"
     write_results(args.name, figures, md, machine_info(("transformers", "peft")))
     chart(sqa, Path(__file__).resolve().parent / "results" / f"{args.name}.png")
     print(md)

@@ -77,7 +77,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     n = args.new_tokens
 
-    import transformers
     from transformers import AutoModelForCausalLM
 
     path = str(resolve_model_path(MODEL, progress=False))
@@ -170,16 +169,14 @@ def main() -> None:
         "benchmark": "batch-1 greedy decoding", "model": MODEL, "prompt": PROMPT, "new_tokens": n,
         "reps": args.reps, "threads": args.threads, "bandwidth": bw, "results": results,
         "ratios": ratios, "best": summary, "compiled_tokens_equal_eager": same,
-        "machine": machine_info(("transformers",)),
     }
-    figures["machine"]["transformers"] = transformers.__version__
+    machine = machine_info(("transformers",))
 
     lines = [
         f"# Batch-1 greedy decoding, {MODEL}, {n} new tokens, {args.threads} threads",
         "",
-        f"Machine: {figures['machine']['cpu']}, {figures['machine']['usable_cpus']} CPUs; torch "
-        f"{figures['machine']['torch']}, transformers {transformers.__version__}; "
-        f"{figures['machine']['date']}.",
+        f"Machine: {machine['cpu']}, {machine['usable_cpus']} CPUs; torch "
+        f"{machine['torch']}, transformers {machine['transformers']}; {machine['date']}.",
         f"Measured read bandwidth {bw['read_gbps']:.1f} GB/s (copy {bw['copy_gbps']:.1f} GB/s counting bytes read"
         " and written; 512 MB randn buffers);"
         " bound = bandwidth / weight bytes read per token (all linears + lm_head), for the read and the copy"
@@ -201,8 +198,7 @@ def main() -> None:
         lines.append(f"- ours compiled best ({summary['ours_compiled_best']}) / transformers best ({hf_key}): "
                      f"**{ratios['ours_compiled_best_over_transformers_best']:.2f}x**")
         lines.append(f"- compiled tokens equal eager tokens: {same}")
-    lines.append(f"- command: `{figures['machine']['command']}`")
-    js, md = write_results(args.out, figures, "\n".join(lines))
+    js, md = write_results(args.out, figures, "\n".join(lines), machine)
     print("\n".join(lines))
     print(f"wrote {js} and {md}")
 

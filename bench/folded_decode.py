@@ -83,8 +83,7 @@ def main() -> None:
     for mode, r in results.items():
         lines.append(f"| {mode} | {r['base']:.1f} | {r['folded_v2']:.1f} | {r['folded_over_base']:.3f} |")
     table = ("Batch-1 greedy decoding, SmolLM2-135M, " f"{args.new_tokens} new tokens, medians of {args.reps}; "
-             f"target: folded within 3% of the base.\n\n" + "\n".join(lines)
-             + f"\n\nCommand: `python bench/folded_decode.py {' '.join(sys.argv[1:])}`\n")
+             f"target: folded within 3% of the base.\n\n" + "\n".join(lines))
     write_results("folded_decode", {"adapter": args.adapter, **results}, table, machine_info())
     print(table)
 

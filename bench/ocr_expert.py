@@ -49,8 +49,7 @@ def main() -> None:
     table = (f"SmolLM2-135M, no training, {len(records)} rendered-word test images of the synthetic set; "
              f"a reply is right when it contains the word.\n\n| | accuracy |\n|---|---|\n"
              f"| without expert | {acc['without_expert']:.1%} |\n"
-             f"| with the OCR expert | {acc['with_ocr_expert']:.1%} |\n"
-             f"\nCommand: `python bench/ocr_expert.py {' '.join(sys.argv[1:])}`\n")
+             f"| with the OCR expert | {acc['with_ocr_expert']:.1%} |\n")
     write_results("ocr_expert", figures, table, machine_info())
     print(table)
 

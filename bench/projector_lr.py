@@ -98,12 +98,11 @@ def main() -> None:
             accuracies = " / ".join(f"{r['test_accuracy']:.0%}" for r in runs)
             losses = " / ".join(f"{r['train_loss_last_20']:.2f}" for r in runs)
             table.append(f"| {kind} | {lr:g} | {accuracies} | {losses} |")
-    cmd = "python bench/projector_lr.py " + " ".join(sys.argv[1:])
     md = (f"Projector alone -> linear head -> colour of the single shape (6 classes, chance 17%): "
           f"{len(data[0][1])} training images, {len(data[1][1])} held-out, {args.steps} steps x batch 16.\n\n"
-          + "\n".join(table) + f"\n\nCommand: `{cmd}`\n")
+          + "\n".join(table))
     write_results("projector_lr", {"results": results, "steps": args.steps, "train_images": len(data[0][1]),
-                                   "test_images": len(data[1][1]), "command": cmd}, md, machine_info())
+                                   "test_images": len(data[1][1])}, md, machine_info())
     print(md)
 
 

@@ -105,15 +105,13 @@ def main() -> None:
         rows.append(f"| {q} | {looked.counts[q]} | {looked.by_type[q]:.1%} | {blind.by_type[q]:.1%} | "
                     f"{CHANCE.get(q, float('nan')):.0%} |")
     rows.append(f"| all | {sum(looked.counts.values())} | {looked.accuracy:.1%} | {blind.accuracy:.1%} | |")
-    cmd = "python bench/synth_vqa.py " + " ".join(sys.argv[1:])
     table = (f"{recipe.method['name']} ({', '.join(f'{k}={v}' for k, v in recipe.method.items() if k != 'name')}), "
              f"{result.steps} steps, trained in {train_seconds / 60:.1f} min on this CPU; "
              f"{la.count_trainable(model):,} trainable parameters."
              + (f" Held-out Alpaca response NLL ({args.alpaca_nll} records): {nll:.3f}." if nll is not None else "")
              + (f" Routing (w0 per layer) differs between an image prompt and a text-only prompt by "
                 f"{routing['mean_abs_difference_of_w0']:.3f} on average." if routing else "")
-             + "\n\n" + "\n".join(rows)
-             + f"\n\nCommand: `{cmd}`\n")
+             + "\n\n" + "\n".join(rows))
     write_results(args.name, figures, table, machine_info())
     print(table)
     print(json.dumps({"single_shape_colour_and_shape": figures["single_shape_colour_and_shape_with_image"]}))

@@ -91,7 +91,6 @@ def main() -> None:
         cells = [g["instruction"] + (f" ({g['input']})" if g["input"] else ""), g["before"], g["after"]]
         gens.append("| " + " | ".join(c.replace("\n", " ").replace("|", "/")[:160] for c in cells) + " |")
     table = "\n".join(rows + gens) + f"\n\n![loss curve]({args.name}.png)\n"
-    table += f"\nCommand: `python bench/v1_alpaca_run.py {' '.join(sys.argv[1:])}`\n"
     write_results(args.name, figures, table, machine_info())
     print(table)
 
