@@ -56,7 +56,9 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "v1mm_smollm2_synth_cpu.yaml"))
     ap.add_argument("--name", default="v1mm_synth")
     ap.add_argument("--synth", default="runs/synth")
-    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--n", type=int, default=2000, help="training images, if --synth is not there yet")
+    ap.add_argument("--n-test", type=int, default=500,
+                    help="held-out images: 500 gives the same 1,875 questions for any --n")
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--alpaca-nll", type=int, default=0,
                     help="also measure the held-out Alpaca response NLL on this many records")
@@ -66,7 +68,7 @@ def main() -> None:
 
     synth = Path(args.synth)
     if not (synth / "meta.json").is_file():
-        synthesize(synth, args.n, seed=0)
+        synthesize(synth, args.n, seed=0, n_test=args.n_test)
     recipe = load_recipe(args.recipe, ["train.resume=false", *args.overrides])
     recipe.data[0].train = str(synth / "llava_train.json")  # the first source is the synthetic set
     t0 = time.perf_counter()

@@ -7,7 +7,8 @@ before and after, into bench/results/v1_alpaca_run.{json,md,png}.
     python bench/v1_alpaca_run.py --steps 300
 
 `--name` writes bench/results/<name>.* instead, and trailing `section.key=value` arguments
-override the recipe (for controls such as a longer run at another max_len).
+override the recipe (for controls such as a longer run at another max_len); with
+`train.resume=true` an interrupted run continues, and its time covers only the resumed part.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def main() -> None:
                          [f"data.train={DATA / 'alpaca_data_1k.json'}", f"train.max_steps={args.steps}",
                           f"train.out_dir={args.out}", "train.resume=false",
                           f"train.threads={bench_threads()}", *args.overrides])
-    shutil.rmtree(args.out, ignore_errors=True)
+    if not recipe.train.resume:  # `train.resume=true` continues an interrupted run from its last checkpoint
+        shutil.rmtree(args.out, ignore_errors=True)
     held = held_out_alpaca(DATA / "alpaca_data_1k.json", DATA / "alpaca_small_2k.json", args.eval_records)
     demo = held[:5]
     prompts = [alpaca_prompt(r.instruction, r.input) for r in demo]
