@@ -173,7 +173,7 @@ def train_row(row: Row, model, tok, train: dict, args, out_dir: Path) -> dict[st
 
     reset_peak_rss()
     cfg = TrainConfig(out_dir=str(out_dir), max_steps=args.steps, batch_size=args.batch, lr=row.lr,
-                      warmup_steps=max(1, args.steps // 10), precision="bf16", threads=args.threads,
+                      warmup_steps=max(1, args.steps // 10), precision="auto", threads=args.threads,
                       progress=False, resume=False, mix={k: 1.0 for k in train} if len(train) > 1 else {})
     trainer = Trainer(model, cfg, train, collate_fn=lambda ex: collate_multimodal(ex, tok.pad_id))
     t0 = time.perf_counter()

@@ -125,8 +125,20 @@ def test_bf16_autocast_keeps_trainable_fp32(tiny_folder, tmp_path):
     trainer.fit()
     assert model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in la.trainable_parameters(model).values())
-    with pytest.raises(ValueError, match="base_dtype bf16 needs precision bf16"):
+    with pytest.raises(ValueError, match="base_dtype bf16 needs bf16 autocast"):
         Trainer(model, config(tmp_path, base_dtype="bf16"), {"instruction": data}, pad_id=tok.pad_id)
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                         (False, False, None)])
+def test_auto_precision_takes_bf16_only_where_the_cpu_has_it(monkeypatch, amx, avx512_bf16, expected):
+    from llama_adapter.device import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == expected
+    assert resolve_precision("bf16", cpu) == torch.bfloat16 and resolve_precision("fp32", cpu) is None
 
 
 def test_labels_cover_only_the_response(tiny):

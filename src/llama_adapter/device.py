@@ -41,6 +41,25 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = 
     return dtype
 
 
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively: a CUDA GPU that supports them, or a CPU with AMX or
+    AVX512-BF16. Elsewhere bf16 is emulated: on an AVX512 CPU without BF16 its matmuls ran at a
+    quarter of fp32's rate and a V1 training step took twice as long (bench/results/train_step_avx512.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training precision ("fp32", "bf16", or "auto": bf16 where it is
+    native, see `has_fast_bf16`, else fp32); None means plain fp32."""
+    if precision == "auto":
+        precision = "bf16" if has_fast_bf16(device) else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Mixed-precision context: autocast to a low-precision dtype, a no-op for fp32/None."""
     if dtype is None or dtype == torch.float32:

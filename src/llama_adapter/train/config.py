@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 @dataclass
@@ -22,7 +22,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # overrides warmup_epochs
     warmup_epochs: float = 0.0
     clip_grad: float | None = 1.0
-    precision: str = "fp32"  # "bf16": autocast, trainable parameters stay fp32
+    precision: str = "fp32"  # "bf16": autocast, trainable parameters stay fp32; "auto": bf16 where native
     base_dtype: str = "fp32"  # "bf16": store the frozen base model in bf16
     device: str = "auto"
     threads: int | None = None
@@ -37,9 +37,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
-        for name in ("precision", "base_dtype"):
-            if getattr(self, name) not in PRECISIONS:
-                raise ValueError(f"{name} must be one of {PRECISIONS}, got {getattr(self, name)!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.base_dtype not in PRECISIONS[:2]:
+            raise ValueError(f"base_dtype must be one of {PRECISIONS[:2]}, got {self.base_dtype!r}")
         for name in ("batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -40,6 +40,6 @@ def run_recipe(recipe: Recipe):
         counts = ", ".join(f"{len(v)} {k}" for k, v in train.items())
         print(f"{recipe.method['name']}: {count_trainable(model):,} trainable parameters; "
               f"{counts} training / {len(val)} validation examples; {trainer.total_steps} steps "
-              f"-> {out}", flush=True)
+              f"in {'bf16 autocast' if trainer.amp_dtype else 'fp32'} on {trainer.device} -> {out}", flush=True)
     result: TrainResult = trainer.fit()
     return result, model, tok

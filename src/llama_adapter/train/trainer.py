@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.tokenize import IGNORE, Batch, Example, collate
-from ..device import autocast, resolve_device, set_threads
+from ..device import autocast, resolve_device, resolve_precision, set_threads
 from ..methods.io import save_adapter
 from ..methods.registry import trainable_parameters
 from ..model.llama import LlamaLM
@@ -102,11 +102,13 @@ class Trainer:
                  loss_fn: Callable[[LlamaLM, Batch], torch.Tensor] = lm_loss):
         if model.adapter is None:
             raise ValueError("attach a method before training (la.attach(model, config))")
-        if cfg.base_dtype == "bf16" and cfg.precision != "bf16":
-            raise ValueError("base_dtype bf16 needs precision bf16 (autocast), or the dtypes would not match")
         set_threads(cfg.threads)
         self.cfg, self.model = cfg, model
         self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        if cfg.base_dtype == "bf16" and self.amp_dtype != torch.bfloat16:
+            raise ValueError(f"base_dtype bf16 needs bf16 autocast, or the dtypes would not match; precision "
+                             f"{cfg.precision!r} gives fp32 on {self.device}")
         self.dist = init_from_env(self.device)
         self.train_sets = {k: list(v) for k, v in train.items() if len(v)}
         if not self.train_sets:
@@ -227,7 +229,7 @@ class Trainer:
         (label_tokens,) = all_sum([float(sum(b.n_label_tokens for b in batches))], self.dist, self.device)
         loss_total = 0.0
         for b in batches:
-            with autocast(self.device, torch.bfloat16 if cfg.precision == "bf16" else None):
+            with autocast(self.device, self.amp_dtype):
                 loss = self.loss_fn(self.model, b)
             (loss / label_tokens).backward()
             loss_total += float(loss.detach())
@@ -260,7 +262,7 @@ class Trainer:
         loss_sum, tokens = 0.0, 0.0
         for i in range(n_batches):
             b = self.collate(shard[i * self.cfg.batch_size: (i + 1) * self.cfg.batch_size]).to(self.device)
-            with autocast(self.device, torch.bfloat16 if self.cfg.precision == "bf16" else None):
+            with autocast(self.device, self.amp_dtype):
                 loss_sum += float(self.loss_fn(self.model, b))
             tokens += b.n_label_tokens
         loss_sum, tokens = all_sum([loss_sum, tokens], self.dist, self.device)
