@@ -190,6 +190,7 @@ def main() -> None:
         "ours_best_fraction_of_bf16_matmul_rate": flops / ours_best / bf16_rate,
         "peft_best_fraction_of_bf16_matmul_rate": flops / peft_best / bf16_rate,
         "ours_best_fraction_of_fastest_matmul_rate": flops / ours_best / fastest_rate,
+        "peft_best_fraction_of_fastest_matmul_rate": flops / peft_best / fastest_rate,
         "peak_memory_above_loaded_bytes": {f"{i}/{c}": m["peak_above_loaded"] for (i, c), m in memory.items()},
         "peak_rss_bytes": {f"{i}/{c}": m["peak"] for (i, c), m in memory.items()},
         "targets": {"step_time_at_most_1/1.3_of_peft": ours_best <= peft_best / 1.3,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PRECISIONS = ("fp32", "bf16", "auto")
+BASE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -39,8 +40,8 @@ class TrainConfig:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.base_dtype not in PRECISIONS[:2]:
-            raise ValueError(f"base_dtype must be one of {PRECISIONS[:2]}, got {self.base_dtype!r}")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"base_dtype must be one of {BASE_DTYPES}, got {self.base_dtype!r}")
         for name in ("batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
