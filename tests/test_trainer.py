@@ -93,6 +93,27 @@ def test_resume_reproduces_uninterrupted_losses(tiny_folder, tmp_path):
     assert [r["step"] for r in fresh.log.records() if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_resume_refuses_other_training_data(tiny_folder, tmp_path):
+    tok = la.load_pretrained(tiny_folder)[1]
+    data = examples(tok)
+    model, _ = v1_model(tiny_folder)
+    Trainer(model, config(tmp_path, max_steps=3), {"instruction": data}, pad_id=tok.pad_id).fit()
+    saved = {n: p.detach().clone() for n, p in la.trainable_parameters(model).items()}
+
+    edited = data[:-1] + [encode_pair(tok, "say no", "no", 64, "edited")]
+    for other, said in ((edited, "the same count but other content"), (data[:-2], "12 examples then, 10 examples now")):
+        model, _ = v1_model(tiny_folder, seed=1)
+        trainer = Trainer(model, config(tmp_path, max_steps=6), {"instruction": other}, pad_id=tok.pad_id)
+        with pytest.raises(ValueError, match=said) as err:
+            trainer.fit()
+        assert "checkpoint-0000003" in str(err.value) and "'instruction'" in str(err.value)
+        assert not any(torch.equal(p, saved[n]) for n, p in la.trainable_parameters(model).items()
+                       if p.abs().sum() > 0)  # refused before loading anything
+    model, _ = v1_model(tiny_folder, seed=1)
+    resumed = Trainer(model, config(tmp_path, max_steps=6), {"instruction": examples(tok)}, pad_id=tok.pad_id)
+    assert resumed.fit().steps == 6
+
+
 def test_gradient_accumulation_equals_bigger_batch(tiny_folder, tmp_path):
     tok = la.load_pretrained(tiny_folder)[1]
     data = examples(tok)

@@ -6,8 +6,11 @@ loaded with `weights_only=True`, so loading never runs pickled code.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import shutil
+from array import array
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def data_fingerprint(examples: Sequence[Any]) -> dict[str, Any]:
+    """The count and a digest of the token ids, labels and image names of one training set:
+    resuming on other data would silently splice two different runs."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(array("q", ex.input_ids).tobytes())
+        h.update(array("q", ex.labels).tobytes())
+        image = getattr(ex, "image", None)  # by name: a data folder that moves is still the same data
+        h.update(b"-" if image is None else Path(image).name.encode())
+    return {"examples": len(examples), "sha256": h.hexdigest()}
+
+
+def _describe(fingerprint: dict[str, Any] | None) -> str:
+    return "none" if fingerprint is None else f"{fingerprint['examples']:,} examples"
+
+
+def check_same_data(folder: Path, saved: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> None:
+    """Refuse to resume a checkpoint on training data other than its own."""
+    for kind in sorted(set(saved) | set(now)):
+        before, after = saved.get(kind), now.get(kind)
+        if before == after:
+            continue
+        same_count = before is not None and after is not None and before["examples"] == after["examples"]
+        raise ValueError(
+            f"{folder} was trained on other {kind!r} data ({_describe(before)} then, {_describe(after)} now"
+            f"{', the same count but other content' if same_count else ''}); resume it on its own data, or "
+            f"start over with train.resume=false or another out_dir")
 
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, extra: dict[str, Any], keep: int = 2) -> Path:

@@ -22,7 +22,14 @@ from ..device import autocast, resolve_device, resolve_precision, set_threads
 from ..methods.io import save_adapter
 from ..methods.registry import trainable_parameters
 from ..model.llama import LlamaLM
-from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    check_same_data,
+    data_fingerprint,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig
 from .distributed import Dist, all_sum, init_from_env, sum_gradients
 from .optim import build_optimizer
@@ -120,6 +127,7 @@ class Trainer:
         self.params = trainable_parameters(model)
         self._place_model()
         self.mix = self._mix()
+        self.data_ids = {k: data_fingerprint(v) for k, v in self.train_sets.items()}
         self.samplers = {k: BatchSampler(len(v), cfg.batch_size, cfg.seed + i, self.dist)
                          for i, (k, v) in enumerate(sorted(self.train_sets.items()))}
         self.lr = cfg.learning_rate(self.dist.world)
@@ -198,8 +206,10 @@ class Trainer:
             return
         from ..methods.io import load_adapter
 
-        load_adapter(self.model, folder)
         state = load_trainer_state(folder)
+        if "data" in state:  # checkpoints from before the data check have no record of their data
+            check_same_data(folder, state["data"], self.data_ids)
+        load_adapter(self.model, folder)
         self.optimizer.load_state_dict(state["optimizer"])
         for k, s in state["samplers"].items():
             self.samplers[k].load_state(s)
@@ -210,7 +220,7 @@ class Trainer:
     def save(self) -> Path | None:
         if not self.dist.main:
             return None
-        extra = {"samplers": {k: s.state() for k, s in self.samplers.items()}}
+        extra = {"samplers": {k: s.state() for k, s in self.samplers.items()}, "data": self.data_ids}
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, extra)
 
     # -- the loop -----------------------------------------------------------------------------
