@@ -2,7 +2,7 @@
 scales, biases and LoRA live in the weights, so the only extra work is the bias additions.
 Batch 1, greedy, 128 new tokens, alternating base / folded, medians; eager and compiled.
 
-    python bench/folded_decode.py [--adapter runs/v2-synth-alpaca] [--reps 5]
+    python bench/folded_decode.py [--adapter runs/v2-synth-alpaca] [--reps 5] [--name folded_decode]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--name", default="folded_decode", help="results file name (one per machine type)")
     ap.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -84,7 +85,7 @@ def main() -> None:
         lines.append(f"| {mode} | {r['base']:.1f} | {r['folded_v2']:.1f} | {r['folded_over_base']:.3f} |")
     table = ("Batch-1 greedy decoding, SmolLM2-135M, " f"{args.new_tokens} new tokens, medians of {args.reps}; "
              f"target: folded within 3% of the base.\n\n" + "\n".join(lines))
-    write_results("folded_decode", {"adapter": args.adapter, **results}, table, machine_info())
+    write_results(args.name, {"adapter": args.adapter, **results}, table, machine_info())
     print(table)
 
 
