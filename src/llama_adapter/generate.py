@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .model.fastpath import compiled_decode_of
+from .model.fused import fuse_projections
 from .model.llama import LlamaLM
 from .model.tokenizer import Tokenizer
 
@@ -105,6 +106,7 @@ def _cache_length(needed: int, limit: int, fast: bool) -> int:
 def generate_tokens(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequence[int]],
                     sampling: Sampling, images: Sequence[Any] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B] step by step; finished rows yield the pad id."""
+    fuse_projections(model)
     batch = prepare_prompts(model, tok, prompt_ids, images)
     limit = model.config.max_seq_len
     if batch.length >= limit:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .fused import project
 from .rope import Rotary, apply_rotary
 
 
@@ -103,18 +104,19 @@ class Attention(nn.Module):
         self.o_proj = AdaptableLinear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         self.prefix: nn.Module | None = None
 
+    def _heads(self, t: torch.Tensor, n_heads: int) -> torch.Tensor:
+        """[B, T, n_heads * d] -> [B, n_heads, T, d]."""
+        return t.view(*t.shape[:2], n_heads, self.head_dim).transpose(1, 2)
+
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, G, T, d] of `x` [B, T, C], without rotary (used for prompts too)."""
-        B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
+        """Keys and values [B, G, T, d] of `x` [B, T, C], without rotary (for prompts)."""
+        return self._heads(self.k_proj(x), self.n_kv_heads), self._heads(self.v_proj(x), self.n_kv_heads)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, is_causal: bool, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k, v = self.project_kv(x)
+        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x)
+        q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)
@@ -134,7 +136,8 @@ class MLP(nn.Module):
         self.down_proj = AdaptableLinear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project((self.gate_proj, self.up_proj), x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

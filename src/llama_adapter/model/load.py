@@ -62,10 +62,16 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """`t` alone in its storage, as safetensors requires (fused q/k/v rows are views: model/fused.py)."""
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_folder(folder: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer | object) -> None:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
     folder.mkdir(parents=True, exist_ok=True)
-    hf_state = {f"model.{k}" if not k.startswith("lm_head.") else k: v.contiguous()
+    hf_state = {f"model.{k}" if not k.startswith("lm_head.") else k: _own_storage(v)
                 for k, v in state.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     save_file(hf_state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")

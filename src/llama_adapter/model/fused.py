@@ -1,0 +1,93 @@
+"""One matmul for q/k/v and one for gate/up at inference, without a second copy of the weights.
+
+Why: at batch 1 every linear is a matrix-vector product whose cost is partly per call, so on a
+CPU three small q/k/v products cost about 1.6x one product over their concatenated weights,
+and a bias (a folded V2 model has one on every linear) adds a few microseconds per call.
+`fuse_projections(model)` moves the frozen weights (and biases) of each group into one tensor
+and makes each linear's parameter a view of its rows, so memory stays the same and
+`load_state_dict` still writes through. `project(linears, x)` uses the joint tensor only
+while it is exactly what the separate linears would compute: each linear plain (no scale,
+extra bias, LoRA or module hooks), its weight still the recorded view (folding, `.to()` or a
+new parameter break that, and the separate path takes over), and no weight needing a
+gradient. `generate_tokens` calls `fuse_projections` (cheap when nothing changed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+@dataclass
+class JointProjection:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    sizes: list[int]
+    pointers: list[tuple[int, int]]  # (weight, bias) data pointers of the views, 0 for no bias
+
+
+def _pointers(linears: Sequence[nn.Linear]) -> list[tuple[int, int]]:
+    return [(m.weight.data_ptr(), 0 if m.bias is None else m.bias.data_ptr()) for m in linears]
+
+
+def _plain(m: nn.Linear) -> bool:
+    return (getattr(m, "scale", None) is None and getattr(m, "delta_bias", None) is None
+            and getattr(m, "lora", None) is None and not m._forward_hooks and not m._forward_pre_hooks
+            and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad))
+
+
+def _joint_of(linears: Sequence[nn.Linear]) -> JointProjection | None:
+    """The group's joint tensors when they still back every linear, else None (and a stale joint
+    tensor, left behind by `.to()` or folding, is dropped so that its memory is freed)."""
+    joint = getattr(linears[0], "_joint", None)
+    if joint is None or len(joint.sizes) != len(linears):
+        return None
+    if all(getattr(m, "_joint", None) is joint for m in linears) and _pointers(linears) == joint.pointers:
+        return joint
+    for m in linears:
+        m.__dict__.pop("_joint", None)
+    return None
+
+
+@torch.no_grad()
+@torch.inference_mode(False)
+def _fuse_group(linears: Sequence[nn.Linear]) -> None:
+    if _joint_of(linears) is not None:
+        return
+    if len({(m.weight.dtype, m.weight.device, m.in_features) for m in linears}) != 1:
+        return
+    if len({m.bias is None for m in linears}) != 1 or any(m.weight.requires_grad for m in linears):
+        return
+    weight = torch.cat([m.weight.detach() for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+    sizes = [m.out_features for m in linears]
+    start = 0
+    for m, n in zip(linears, sizes):
+        m.weight.data = weight[start:start + n]
+        if bias is not None:
+            m.bias.data = bias[start:start + n]
+        start += n
+    joint = JointProjection(weight, bias, sizes, _pointers(linears))
+    for m in linears:
+        m._joint = joint
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Back each block's q/k/v and gate/up weights by one tensor per group (idempotent)."""
+    for layer in getattr(model, "layers", ()):
+        for parent, names in GROUPS:
+            _fuse_group([getattr(getattr(layer, parent), n) for n in names])
+
+
+def project(linears: Sequence[nn.Linear], x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of `linears` on `x`: one matmul over the joint weight when valid, else one each."""
+    joint = _joint_of(linears)
+    if joint is not None and all(_plain(m) for m in linears):
+        return list(F.linear(x, joint.weight, joint.bias).split(joint.sizes, dim=-1))
+    return [m(x) for m in linears]
