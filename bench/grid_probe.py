@@ -1,7 +1,7 @@
 """How much of each synthetic question type can be read from the frozen encoder's 7x7 grid?
 
 A ceiling for the adapters on the synthetic set (bench/synth_vqa.py): a small transformer
-(3 layers, width 128, about 0.7M parameters) reads the standardised EfficientNet-Lite0 grid
+(3 layers, width 128, about 0.8M parameters) reads the standardised EfficientNet-Lite0 grid
 tokens (49 x 1752, with learned position embeddings) together with the question's words and
 classifies the answer. Trained from scratch on the same training questions the adapters see,
 scored on the same test questions. Where this probe answers a type and the adapters do not,
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_results  # noqa: E402
 
+from llama_adapter.data.multimodal import read_llava  # noqa: E402
 from llama_adapter.model.load import cache_dir  # noqa: E402
 from llama_adapter.vision import FeatureCache, load_encoder  # noqa: E402
 
@@ -35,13 +35,10 @@ ENCODER = "efficientnet-lite0"
 def questions(root: Path, split: str) -> list[tuple[str, str, str, str]]:
     """(image path, question, answer, question type) for every turn of llava_<split>.json."""
     rows = []
-    for record in json.loads((root / f"llava_{split}.json").read_text()):
-        conv = record["conversations"]
-        types = record.get("qtypes") or [record["qtype"]]
-        for turn in range(0, len(conv), 2):
-            q = conv[turn]["value"].replace("<image>", "").strip().lower().rstrip("?")
-            a = conv[turn + 1]["value"].strip().lower().rstrip(".")
-            rows.append((str(root / record["image"]), q, a, types[turn // 2]))
+    for record in read_llava(root / f"llava_{split}.json"):
+        types = record.meta.get("qtypes") or [record.meta["qtype"]]
+        for (q, a), qtype in zip(record.turns, types, strict=True):
+            rows.append((str(record.image), q.strip().lower().rstrip("?"), a.strip().lower().rstrip("."), qtype))
     return rows
 
 
