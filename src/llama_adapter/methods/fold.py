@@ -11,7 +11,7 @@ from ..model.llama import AdaptableLinear, LlamaLM
 
 def fold_linear(m: AdaptableLinear) -> bool:
     """Fold one linear in place; True when it had anything to fold."""
-    if m.scale is None and m.delta_bias is None and m.lora is None:
+    if m.plain:
         return False
     dtype = m.weight.dtype
     w = m.weight.detach().float()

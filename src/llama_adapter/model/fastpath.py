@@ -133,7 +133,7 @@ def is_plain(model: LlamaLM) -> bool:
     for m in model.modules():
         if _has_torch_hooks(m):
             return False
-        if isinstance(m, AdaptableLinear) and (m.lora is not None or m.delta_bias is not None or m.scale is not None):
+        if isinstance(m, AdaptableLinear) and not m.plain:
             return False
     from torch.nn.modules import module as _module  # global hooks registered with register_module_forward_hook
 

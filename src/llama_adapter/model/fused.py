@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # llama.py imports this module
+    from .llama import AdaptableLinear
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
@@ -32,17 +36,16 @@ class JointProjection:
     pointers: list[tuple[int, int]]  # (weight, bias) data pointers of the views, 0 for no bias
 
 
-def _pointers(linears: Sequence[nn.Linear]) -> list[tuple[int, int]]:
+def _pointers(linears: Sequence[AdaptableLinear]) -> list[tuple[int, int]]:
     return [(m.weight.data_ptr(), 0 if m.bias is None else m.bias.data_ptr()) for m in linears]
 
 
-def _plain(m: nn.Linear) -> bool:
-    return (getattr(m, "scale", None) is None and getattr(m, "delta_bias", None) is None
-            and getattr(m, "lora", None) is None and not m._forward_hooks and not m._forward_pre_hooks
+def _plain(m: AdaptableLinear) -> bool:
+    return (m.plain and not m._forward_hooks and not m._forward_pre_hooks
             and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad))
 
 
-def _joint_of(linears: Sequence[nn.Linear]) -> JointProjection | None:
+def _joint_of(linears: Sequence[AdaptableLinear]) -> JointProjection | None:
     """The group's joint tensors when they still back every linear, else None (and a stale joint
     tensor, left behind by `.to()` or folding, is dropped so that its memory is freed)."""
     joint = getattr(linears[0], "_joint", None)
@@ -57,7 +60,7 @@ def _joint_of(linears: Sequence[nn.Linear]) -> JointProjection | None:
 
 @torch.no_grad()
 @torch.inference_mode(False)
-def _fuse_group(linears: Sequence[nn.Linear]) -> None:
+def _fuse_group(linears: Sequence[AdaptableLinear]) -> None:
     if _joint_of(linears) is not None:
         return
     if len({(m.weight.dtype, m.weight.device, m.in_features) for m in linears}) != 1:
@@ -85,7 +88,7 @@ def fuse_projections(model: nn.Module) -> None:
             _fuse_group([getattr(getattr(layer, parent), n) for n in names])
 
 
-def project(linears: Sequence[nn.Linear], x: torch.Tensor) -> list[torch.Tensor]:
+def project(linears: Sequence[AdaptableLinear], x: torch.Tensor) -> list[torch.Tensor]:
     """The outputs of `linears` on `x`: one matmul over the joint weight when valid, else one each."""
     joint = _joint_of(linears)
     if joint is not None and all(_plain(m) for m in linears):

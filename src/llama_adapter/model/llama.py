@@ -50,6 +50,11 @@ class AdaptableLinear(nn.Linear):
         self.delta_bias: nn.Parameter | None = None
         self.lora: nn.Module | None = None
 
+    @property
+    def plain(self) -> bool:
+        """No scale, extra bias or low-rank update: exactly the frozen nn.Linear."""
+        return self.scale is None and self.delta_bias is None and self.lora is None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.lora is not None:
