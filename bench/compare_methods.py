@@ -18,13 +18,18 @@ responses of the alpaca_small_2k.json records whose instruction is not in the 1k
 Each trained row runs in its own subprocess, so its peak memory (VmHWM after loading, reset
 before training) is its own.
 
+The training problems' choices are shuffled per pid (recipes/scienceqa_dev_protocol.md), and each ScienceQA row
+also reports how often it picks (B) on the two-choice validation problems, which shows a position preference.
+
     python bench/compare_methods.py [--steps 60] [--val-limit 100] [--alpaca-steps 60] [--nll-records 100]
+        [--option-order shuffled|original] [--rows "V1;PEFT LoRA r8 q,v"] [--tables sqa,alpaca] [--name N]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -57,12 +62,17 @@ class Row:
     joint: bool = False  # V2 joint training: text steps (instruction group) and image steps (visual group)
 
 
+@functools.cache
+def committed_recipe(recipe: str):
+    from llama_adapter.recipe import load_recipe
+
+    return load_recipe(ROOT / "recipes" / recipe)
+
+
 def from_recipe(name: str, recipe: str, images: bool = False, joint: bool = False, **method: Any) -> Row:
     """A row of ours with the method options and learning rate of a committed CPU recipe (with
     `method` overriding options), so the comparison runs what the recipes recommend."""
-    from llama_adapter.recipe import load_recipe
-
-    r = load_recipe(ROOT / "recipes" / recipe)
+    r = committed_recipe(recipe)
     return Row(name, "ours", {**r.method, **method}, lr=float(r.train.lr), images=images, joint=joint)
 
 
@@ -183,7 +193,13 @@ def train_row(row: Row, model, tok, train: dict, args, out_dir: Path) -> dict[st
 
 
 def run_sqa_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
-    from llama_adapter.eval.scienceqa import dev_protocol_train, dev_protocol_val, evaluate_scienceqa, load_scienceqa
+    from llama_adapter.eval.scienceqa import (
+        dev_protocol_train,
+        dev_protocol_val,
+        evaluate_scienceqa,
+        load_scienceqa,
+        shuffle_choices,
+    )
 
     problems = load_scienceqa(SQA / "problems.json", SQA / "images", missing_images="text")
     val = sorted(dev_protocol_val(problems), key=lambda p: int(p.pid))
@@ -192,6 +208,7 @@ def run_sqa_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
     out = row_header(row, model)
     if row.impl != "none":
         train_p = dev_protocol_train(problems)
+        train_p = shuffle_choices(train_p) if args.option_order == "shuffled" else train_p
         if row.joint:
             train = {"instruction": sqa_examples(tok, train_p, False, "instruction"),
                      "vqa": [e for e in sqa_examples(tok, train_p, True, "vqa") if e.image is not None]}
@@ -201,8 +218,16 @@ def run_sqa_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = evaluate_scienceqa(model, tok, val, mode="ranked", template="plain", images=row.images)
     out.update({"eval_seconds": round(time.perf_counter() - t0, 1), "val_problems": len(val),
-                "accuracy": res.summary()})
+                "accuracy": res.summary(), "two_choice_b": two_choice_b(val, res.predictions)})
     return out
+
+
+def two_choice_b(problems: list, predictions: list[dict]) -> dict[str, float]:
+    """How often (B) is predicted and how often it is right among the two-choice validation problems: a model that
+    learnt the training side's answer-position prior predicts (B) more often than it is the answer."""
+    two = [r for p, r in zip(problems, predictions, strict=True) if len(p.choices) == 2]
+    return {"predicted": round(sum(r["prediction"] == 1 for r in two) / len(two), 3),
+            "answer": round(sum(r["answer"] == 1 for r in two) / len(two), 3)}
 
 
 def run_alpaca_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
@@ -239,7 +264,8 @@ def run_child(part: str, row: Row, args) -> dict[str, Any]:
         path = f.name
     cmd = [sys.executable, __file__, "--part", part, "--row", row.name, "--child-out", path,
            "--steps", str(args.steps if part == "sqa" else args.alpaca_steps), "--batch", str(args.batch),
-           "--val-limit", str(args.val_limit), "--nll-records", str(args.nll_records), "--threads", str(args.threads)]
+           "--val-limit", str(args.val_limit), "--nll-records", str(args.nll_records), "--threads", str(args.threads),
+           "--option-order", args.option_order]
     print(f"[{part}] {row.name} ...", flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     result = json.loads(Path(path).read_text())
@@ -252,25 +278,41 @@ def pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-def markdown(sqa: list[dict], alpaca: list[dict], args) -> str:
-    head = ("| method | overall | " + " | ".join(GROUPS) + " | trainable params | train s | tokens/s | peak RSS MB |")
-    lines = [f"ScienceQA dev protocol, SmolLM2-135M, {args.steps} steps x batch {args.batch} per trained row "
-             f"(ranked-choice accuracy, %, on {sqa[0]['val_problems']} validation problems):", "", head,
-             "|" + "---|" * (len(GROUPS) + 6)]
+def cost_cells(r: dict) -> str:
+    """Trainable parameters, training seconds, tokens/s and peak RSS: the columns both tables end with."""
+    return " | ".join([f"{r['trainable_parameters']:,}"]
+                      + [str(r.get(k, "-")) for k in ("train_seconds", "tokens_per_s", "peak_memory_mb")])
+
+
+def sqa_table(sqa: list[dict], args) -> list[str]:
+    head = ("| method | overall | " + " | ".join(GROUPS) + " | (B) chosen, 2 choices | trainable params | train s | "
+            "tokens/s | peak RSS MB |")
+    lines = [f"ScienceQA dev protocol, SmolLM2-135M, {args.steps} steps x batch {args.batch} per trained row, "
+             f"training problems' choices {args.option_order} (ranked-choice accuracy, %, on "
+             f"{sqa[0]['val_problems']} validation problems; \"(B) chosen\": how often the model picks (B) on the "
+             f"two-choice ones, where it is the answer {pct(sqa[0].get('two_choice_b', {}).get('answer'))}% of the "
+             f"time):", "", head, "|" + "---|" * (len(GROUPS) + 7)]
     for r in sqa:
         acc = r["accuracy"]
         groups = acc.get("groups", {})
-        lines.append(f"| {r['row']} | {pct(acc['accuracy'])} | "
-                     + " | ".join(pct(groups.get(g)) for g in GROUPS)
-                     + f" | {r['trainable_parameters']:,} | {r.get('train_seconds', '-')} | "
-                       f"{r.get('tokens_per_s', '-')} | {r.get('peak_memory_mb', '-')} |")
-    lines += ["", f"Held-out Alpaca response NLL (per token, {alpaca[0]['held_out_records']} records) after "
-                  f"{args.alpaca_steps} steps x batch {args.batch} on alpaca_data_1k.json:", "",
-              "| method | NLL | trainable params | train s | tokens/s | peak RSS MB |", "|---|---|---|---|---|---|"]
+        b = r.get("two_choice_b") or {}
+        lines.append(f"| {r['row']} | {pct(acc['accuracy'])} | " + " | ".join(pct(groups.get(g)) for g in GROUPS)
+                     + f" | {pct(b.get('predicted'))} | {cost_cells(r)} |")
+    return lines
+
+
+def alpaca_table(alpaca: list[dict], args) -> list[str]:
+    lines = [f"Held-out Alpaca response NLL (per token, {alpaca[0]['held_out_records']} records) after "
+             f"{args.alpaca_steps} steps x batch {args.batch} on alpaca_data_1k.json:", "",
+             "| method | NLL | trainable params | train s | tokens/s | peak RSS MB |", "|---|---|---|---|---|---|"]
     for r in alpaca:
-        lines.append(f"| {r['row']} | {r['held_out_response_nll']:.4f} | {r['trainable_parameters']:,} | "
-                     f"{r.get('train_seconds', '-')} | {r.get('tokens_per_s', '-')} | {r.get('peak_memory_mb', '-')} |")
-    return "\n".join(lines)
+        lines.append(f"| {r['row']} | {r['held_out_response_nll']:.4f} | {cost_cells(r)} |")
+    return lines
+
+
+def markdown(sqa: list[dict], alpaca: list[dict], args) -> str:
+    parts = ([sqa_table(sqa, args)] if sqa else []) + ([alpaca_table(alpaca, args)] if alpaca else [])
+    return "\n\n".join("\n".join(p) for p in parts)
 
 
 def chart(sqa: list[dict], path: Path) -> None:
@@ -302,9 +344,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--val-limit", type=int, default=100, help="validation problems, evenly spread (0: all)")
     ap.add_argument("--nll-records", type=int, default=100)
+    ap.add_argument("--option-order", choices=("shuffled", "original"), default="shuffled",
+                    help="training problems' choices: shuffled per pid (removes the answer-position prior) or as given")
     ap.add_argument("--threads", type=int, default=bench_threads())
     ap.add_argument("--rows", default="", help="row names to run, separated by ; (default: all)")
     ap.add_argument("--name", default="compare_methods")
+    ap.add_argument("--tables", default="sqa,alpaca", help="which tables: sqa, alpaca or both (comma-separated)")
     ap.add_argument("--part", choices=("sqa", "alpaca"), help=argparse.SUPPRESS)
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -313,13 +358,17 @@ def main() -> None:
         return child(args)
     wanted = {s.strip() for s in args.rows.split(";") if s.strip()}
     t0 = time.perf_counter()
-    sqa = [run_child("sqa", r, args) for r in SQA_ROWS if not wanted or r.name in wanted]
-    alpaca = [run_child("alpaca", r, args) for r in ALPACA_ROWS if not wanted or r.name in wanted]
+    tables = {t.strip() for t in args.tables.split(",")}
+    sqa = [run_child("sqa", r, args) for r in SQA_ROWS if "sqa" in tables and (not wanted or r.name in wanted)]
+    alpaca = [run_child("alpaca", r, args) for r in ALPACA_ROWS
+              if "alpaca" in tables and (not wanted or r.name in wanted)]
     figures = {"scienceqa": sqa, "alpaca": alpaca, "steps": args.steps, "alpaca_steps": args.alpaca_steps,
-               "batch_size": args.batch, "val_limit": args.val_limit, "total_seconds": round(time.perf_counter() - t0)}
+               "batch_size": args.batch, "val_limit": args.val_limit,
+               "option_order": args.option_order, "total_seconds": round(time.perf_counter() - t0)}
     md = markdown(sqa, alpaca, args)
     write_results(args.name, figures, md, machine_info(("transformers", "peft")))
-    chart(sqa, Path(__file__).resolve().parent / "results" / f"{args.name}.png")
+    if sqa:
+        chart(sqa, Path(__file__).resolve().parent / "results" / f"{args.name}.png")
     print(md)
 
 

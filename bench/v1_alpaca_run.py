@@ -71,7 +71,8 @@ def main() -> None:
     log = [json.loads(x) for x in (Path(args.out) / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     figures = {
-        "steps": result.steps, "trainable_parameters": la.count_trainable(model),
+        "steps": result.steps, "resumed_from_step": result.start_step,
+        "trainable_parameters": la.count_trainable(model),
         "train_seconds": round(train_seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
         "train_loss_first_20_mean": sum(losses[:20]) / 20, "train_loss_last_20_mean": sum(losses[-20:]) / 20,
         "val_loss_curve": [(r["step"], r["val_loss"]) for r in log if "val_loss" in r],
@@ -82,7 +83,9 @@ def main() -> None:
         "recipe": recipe.to_dict(),
     }
     rows = ["| measure | value |", "|---|---|",
-            f"| steps (batch {recipe.train.batch_size} x <={recipe.data[0].max_len} tokens) | {result.steps} |",
+            f"| steps (batch {recipe.train.batch_size} x <={recipe.data[0].max_len} tokens) | {result.steps}"
+            + (f" (resumed at {result.start_step}; the time covers the resumed part)" if result.start_step else "")
+            + " |",
             f"| trainable parameters | {figures['trainable_parameters']:,} |",
             f"| training time on this CPU | {train_seconds / 60:.1f} min ({result.tokens_per_second:.0f} tokens/s) |",
             f"| train loss, first 20 / last 20 steps | {figures['train_loss_first_20_mean']:.3f} / "

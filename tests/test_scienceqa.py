@@ -30,6 +30,7 @@ from llama_adapter.eval.scienceqa import (
     scienceqa_conversations,
     scienceqa_to_llava,
     score,
+    shuffle_choices,
     target_text,
     write_predictions,
 )
@@ -148,6 +149,18 @@ def test_real_shared_counts():
     assert not {p.pid for p in dev_protocol_train(everything)} & {p.pid for p in dev_protocol_val(everything)}
 
 
+def test_shuffle_choices_keeps_each_answer_and_balances_positions():
+    ps = [Problem(str(pid), "q", ["yes", "no"], int(pid % 4 == 0), "", False, None, "natural science", 3, "train")
+          for pid in range(400)]  # answer (B) for a quarter of the problems, (A) otherwise
+    once, again = shuffle_choices(ps), shuffle_choices(ps)
+    assert [(p.choices, p.answer) for p in once] == [(p.choices, p.answer) for p in again]  # fixed by seed and pid
+    assert all(s.choices[s.answer] == p.choices[p.answer] and sorted(s.choices) == sorted(p.choices)
+               for s, p in zip(once, ps))
+    assert 0.4 < sum(p.answer == 1 for p in once) / len(once) < 0.6  # from 25% to about half
+    assert [p.choices for p in shuffle_choices(ps, seed=1)] != [p.choices for p in once]
+    assert ps[0].choices == ["yes", "no"]  # the input is not changed
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # prompts, conversations, parsing, groups
 
@@ -194,6 +207,21 @@ def test_conversations_and_llava_file_round_trip(shared, hf_tokenizer, tmp_path)
     back = read_llava(tmp_path / "train.json", image_root=shared[1])
     assert n == len(back) == 5
     assert [(b.image, b.turns) for b in back] == [(c.image, c.turns) for c in convs]
+
+
+def test_cli_writes_the_protocol_training_file_with_shuffled_choices(shared, tmp_path, capsys):
+    out = tmp_path / "train.json"
+    args = ["data", "scienceqa", "--problems", str(shared[0]), "--images", str(shared[1]), "--protocol", "dev-train"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "wrote 5 problems" in capsys.readouterr().out
+    problems = shuffle_choices(dev_protocol_train(load_scienceqa(shared[0], shared[1], missing_images="text")))
+    back = read_llava(out, image_root=shared[1])
+    assert [b.turns for b in back] == [c.turns for c in scienceqa_conversations(problems)]
+    assert main([*args, "--out", str(out), "--option-order", "original"]) == 0
+    original = scienceqa_conversations(dev_protocol_train(load_scienceqa(shared[0], shared[1],
+                                                                         missing_images="text")))
+    assert [b.turns for b in read_llava(out, image_root=shared[1])] == [c.turns for c in original] != \
+        [c.turns for c in scienceqa_conversations(problems)]
 
 
 @pytest.mark.parametrize("reply,index", [

@@ -68,7 +68,7 @@ def test_resume_reproduces_uninterrupted_losses(tiny_folder, tmp_path):
 
     model, _ = v1_model(tiny_folder)
     full = Trainer(model, config(tmp_path / "a", max_steps=12), {"instruction": data}, pad_id=tok.pad_id)
-    full.fit()
+    assert full.fit().start_step == 0
     losses_full = [r["loss"] for r in full.log.records() if "loss" in r]
 
     model, _ = v1_model(tiny_folder)
@@ -82,7 +82,7 @@ def test_resume_reproduces_uninterrupted_losses(tiny_folder, tmp_path):
 
     model, _ = v1_model(tiny_folder, seed=123)  # different init: everything must come from the checkpoint
     resumed = Trainer(model, config(tmp_path / "b", max_steps=12), {"instruction": data}, pad_id=tok.pad_id)
-    resumed.fit()
+    assert resumed.fit().start_step == 5
     losses_resumed = [r["loss"] for r in resumed.log.records() if "loss" in r]
     assert len(losses_resumed) == 12
     assert losses_resumed[5:] == pytest.approx(losses_full[5:], rel=0, abs=1e-6)

@@ -186,6 +186,16 @@ def cmd_params(a: argparse.Namespace) -> int:
 def cmd_data(a: argparse.Namespace) -> int:
     import json
 
+    if a.data_command == "scienceqa":
+        from llama_adapter.eval.scienceqa import scienceqa_to_llava, shuffle_choices
+
+        problems = select_scienceqa(a)
+        order = a.option_order or ("shuffled" if a.protocol == "dev-train" else "original")
+        if order == "shuffled":
+            problems = shuffle_choices(problems, a.seed)
+        n = scienceqa_to_llava(problems, a.out, fmt=a.format, experts=a.expert, image_root=a.images)
+        print(f"wrote {n} problems to {a.out} (choices {order}; format: llava, image_root: {a.images})")
+        return 0
     from llama_adapter.data.synth import summary_dict, synthesize
 
     summary = synthesize(a.out, a.n, seed=a.seed, n_test=a.n_test, image_size=a.image_size,
@@ -194,15 +204,9 @@ def cmd_data(a: argparse.Namespace) -> int:
     return 0
 
 
-@command("eval")
-def cmd_eval(a: argparse.Namespace) -> int:
-    from llama_adapter.eval.scienceqa import (
-        PROTOCOLS,
-        evaluate_scienceqa,
-        format_result,
-        load_scienceqa,
-        write_predictions,
-    )
+def select_scienceqa(a: argparse.Namespace) -> list:
+    """The problems that --problems/--images/--split/--protocol/--missing-images/--limit choose (eval and data)."""
+    from llama_adapter.eval.scienceqa import PROTOCOLS, load_scienceqa
 
     missing = a.missing_images or ("text" if a.protocol == "dev-train" else "error")
     split = a.split or ("dev" if a.protocol == "dev-val" else None)  # validation problems are all dev problems
@@ -211,7 +215,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
         problems = PROTOCOLS[a.protocol](problems)
     problems = problems[:a.limit] if a.limit else problems
     if not problems:
-        raise ValueError("no problems left to evaluate (check --split / --protocol)")
+        raise ValueError(f"{a.problems}: no problems left (check --split / --protocol)")
+    return problems
+
+
+@command("eval")
+def cmd_eval(a: argparse.Namespace) -> int:
+    from llama_adapter.eval.scienceqa import evaluate_scienceqa, format_result, write_predictions
+
+    problems = select_scienceqa(a)
     model, tok = load_model(a)
     template = a.template or ("chat" if tok.has_chat_template else "plain")
     result = evaluate_scienceqa(model, tok, problems, mode=a.mode, template=template, experts=a.expert,
@@ -229,6 +241,26 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from llama_adapter.demo import run_demo
 
     return run_demo(a.out, a.steps, a.images)
+
+
+def add_scienceqa_args(p: argparse.ArgumentParser) -> None:
+    """Which ScienceQA problems: shared by `eval scienceqa` and `data scienceqa`."""
+    p.add_argument("--problems", required=True, help="problems.json (official or shared layout)")
+    p.add_argument("--images", default=None, help="the images folder (images/<pid>/ or images/<split>/<pid>/); "
+                                                  "without it the problems are given as text only")
+    p.add_argument("--split", default=None, help="keep one split (e.g. dev, test, val)")
+    p.add_argument("--protocol", choices=("dev-val", "dev-train"), default=None,
+                   help="the development protocol's validation or training problems")
+    p.add_argument("--missing-images", choices=("error", "text"), default=None,
+                   help="a problem whose image file is missing: an error, or text only (default: error, text "
+                        "with --protocol dev-train)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+
+
+def add_expert_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert", action="append", default=[],
+                   help="ocr, caption:ADAPTER_DIR or precomputed:FILE.json (e.g. ScienceQA's captions.json): "
+                        "its text about the image goes into the context (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,29 +299,30 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--ocr-words", type=int, default=None, help="rendered-word training images (default n/4)")
     syn.add_argument("--overwrite", action="store_true")
 
+    sd = ds_sub.add_parser("scienceqa", help="write ScienceQA problems as a LLaVA-style training file "
+                                             "(recipes: format llava, image_root = --images)")
+    add_scienceqa_args(sd)
+    add_expert_arg(sd)
+    sd.add_argument("--out", required=True, help="the JSON file to write")
+    sd.add_argument("--format", choices=("answer", "explain"), default="answer",
+                    help='target: "The answer is X." or with "BECAUSE: lecture solution" after it')
+    sd.add_argument("--option-order", choices=("shuffled", "original"), default=None,
+                    help="choices shuffled per pid (removes the data's answer-position prior) or as given "
+                         "(default: shuffled with --protocol dev-train, else original)")
+    sd.add_argument("--seed", type=int, default=0, help="the shuffle's seed")
+
     ev = sub.add_parser("eval", help="evaluate on a benchmark")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     sq = ev_sub.add_parser("scienceqa", help="ScienceQA accuracy overall and per group (NAT SOC LAN TXT IMG NO "
                                              "G1-6 G7-12)")
     add_model_args(sq)
-    sq.add_argument("--problems", required=True, help="problems.json (official or shared layout)")
-    sq.add_argument("--images", default=None, help="the images folder (images/<pid>/ or images/<split>/<pid>/); "
-                                                   "without it the problems are given as text only")
-    sq.add_argument("--split", default=None, help="keep one split (e.g. dev, test, val)")
-    sq.add_argument("--protocol", choices=("dev-val", "dev-train"), default=None,
-                    help="the development protocol's validation or training problems")
+    add_scienceqa_args(sq)
     sq.add_argument("--mode", choices=("generate", "ranked"), default="generate",
                     help="generate and parse the answer, or rank the choices by likelihood")
     sq.add_argument("--template", choices=("chat", "plain"), default=None,
                     help="prompt layout, as in training (default: chat when the model has a chat template)")
     sq.add_argument("--image-placeholder", default="", help="text put before the question of image problems")
-    sq.add_argument("--expert", action="append", default=[],
-                    help="ocr, caption:ADAPTER_DIR or precomputed:FILE.json (e.g. ScienceQA's captions.json): "
-                         "its text about the image goes into the context (repeatable)")
-    sq.add_argument("--missing-images", choices=("error", "text"), default=None,
-                    help="a problem whose image file is missing: an error, or text only (default: error, text "
-                         "with --protocol dev-train)")
-    sq.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    add_expert_arg(sq)
     sq.add_argument("--batch-size", type=int, default=8)
     sq.add_argument("--max-new-tokens", type=int, default=16)
     sq.add_argument("--out", default=None, help="write per-problem predictions (JSONL)")

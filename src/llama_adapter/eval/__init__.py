@@ -11,10 +11,12 @@ from .scienceqa import (
     parse_answer,
     scienceqa_conversations,
     scienceqa_to_llava,
+    shuffle_choices,
     write_predictions,
 )
 from .vqa import VQAResult, evaluate_vqa
 
 __all__ = ["Problem", "ScienceQAResult", "VQAResult", "bleu", "bleu4", "cider_d", "cider_d_scores",
            "dev_protocol_train", "dev_protocol_val", "evaluate_scienceqa", "evaluate_vqa", "load_scienceqa",
-           "parse_answer", "scienceqa_conversations", "scienceqa_to_llava", "write_predictions"]
+           "parse_answer", "scienceqa_conversations", "scienceqa_to_llava", "shuffle_choices",
+           "write_predictions"]

@@ -100,6 +100,7 @@ class TrainResult:
     seconds: float
     out_dir: Path
     tokens_per_second: float
+    start_step: int = 0  # the step this fit began at: above 0 when it resumed a checkpoint
 
 
 class Trainer:
@@ -314,4 +315,4 @@ class Trainer:
         seconds = time.perf_counter() - t0
         steps_run = self.step - start_step
         return TrainResult(self.step, last, val, seconds, self.out_dir,
-                           tokens_done / seconds if steps_run else 0.0)
+                           tokens_done / seconds if steps_run else 0.0, start_step)
