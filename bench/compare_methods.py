@@ -21,7 +21,7 @@ before training) is its own.
 The training problems' choices are shuffled per pid (recipes/scienceqa_dev_protocol.md), and each ScienceQA row
 also reports how often it picks (B) on the two-choice validation problems, which shows a position preference.
 
-    python bench/compare_methods.py [--steps 60] [--val-limit 100] [--alpaca-steps 60] [--nll-records 100]
+    python bench/compare_methods.py [--steps 60] [--val-limit 300] [--alpaca-steps 60] [--nll-records 100]
         [--option-order shuffled|original] [--rows "V1;PEFT LoRA r8 q,v"] [--tables sqa,alpaca] [--name N]
 """
 
@@ -96,6 +96,10 @@ SQA_ROWS = [
     PEFT_ADAPTION_PROMPT,
     PEFT_LORA,
 ]
+# Run only when named in --rows: V1 with PEFT's gate (one scalar per layer, no tanh), to see whether the gate
+# explains a difference between V1 and PEFT's AdaptionPrompt.
+V1_SCALAR_GATE = from_recipe("V1 (scalar gate)", "v1_smollm2_alpaca_cpu.yaml", gate="scalar")
+DIAGNOSTIC_ROWS = [V1_SCALAR_GATE]
 ALPACA_ROWS = [ZERO_SHOT, V1, dataclasses.replace(V2_TEXT, name="V2"),
                dataclasses.replace(LAVIN_TEXT, name="LaVIN (text-only path)"), PEFT_ADAPTION_PROMPT, PEFT_LORA]
 
@@ -251,7 +255,7 @@ def run_alpaca_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
 # -- the parent: rows in subprocesses, then the table, JSON and chart ---------------------------------
 def child(args) -> None:
     torch.set_num_threads(args.threads)
-    rows = {"sqa": SQA_ROWS, "alpaca": ALPACA_ROWS}[args.part]
+    rows = {"sqa": SQA_ROWS, "alpaca": ALPACA_ROWS}[args.part] + DIAGNOSTIC_ROWS
     row = next(r for r in rows if r.name == args.row)
     with tempfile.TemporaryDirectory() as tmp:
         fn = run_sqa_row if args.part == "sqa" else run_alpaca_row
@@ -342,7 +346,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--alpaca-steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--val-limit", type=int, default=100, help="validation problems, evenly spread (0: all)")
+    ap.add_argument("--val-limit", type=int, default=300, help="validation problems, evenly spread (0: all)")
     ap.add_argument("--nll-records", type=int, default=100)
     ap.add_argument("--option-order", choices=("shuffled", "original"), default="shuffled",
                     help="training problems' choices: shuffled per pid (removes the answer-position prior) or as given")
@@ -359,9 +363,11 @@ def main() -> None:
     wanted = {s.strip() for s in args.rows.split(";") if s.strip()}
     t0 = time.perf_counter()
     tables = {t.strip() for t in args.tables.split(",")}
-    sqa = [run_child("sqa", r, args) for r in SQA_ROWS if "sqa" in tables and (not wanted or r.name in wanted)]
-    alpaca = [run_child("alpaca", r, args) for r in ALPACA_ROWS
-              if "alpaca" in tables and (not wanted or r.name in wanted)]
+    def chosen(rows: list[Row]) -> list[Row]:  # the diagnostic rows only when named
+        return [r for r in rows + DIAGNOSTIC_ROWS if r.name in wanted] if wanted else rows
+
+    sqa = [run_child("sqa", r, args) for r in chosen(SQA_ROWS)] if "sqa" in tables else []
+    alpaca = [run_child("alpaca", r, args) for r in chosen(ALPACA_ROWS)] if "alpaca" in tables else []
     figures = {"scienceqa": sqa, "alpaca": alpaca, "steps": args.steps, "alpaca_steps": args.alpaca_steps,
                "batch_size": args.batch, "val_limit": args.val_limit,
                "option_order": args.option_order, "total_seconds": round(time.perf_counter() - t0)}
