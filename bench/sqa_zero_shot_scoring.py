@@ -22,28 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_threads, machine_info, write_results  # noqa: E402
 
 import llama_adapter as la  # noqa: E402
-from llama_adapter.data.tokenize import IGNORE  # noqa: E402
-from llama_adapter.eval.scienceqa import (  # noqa: E402
-    _answer_example,
-    choice_logprobs,
-    dev_protocol_val,
-    load_scienceqa,
-    question_text,
-    sequence_logprobs,
-)
+from llama_adapter.eval.scienceqa import choice_logprobs, dev_protocol_val, load_scienceqa  # noqa: E402
 
 SQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scienceqa"
 
 
 def text_scores(model, tok, problems) -> list[list[tuple[float, int]]]:
     """Per problem, per choice: (summed log p of "The answer is <choice>.", its token count)."""
-    out = []
-    for p in problems:
-        rows = [_answer_example(tok, question_text(p), f"The answer is {c}.", None, "plain", "", f"{p.pid}/{k}", False)
-                for k, c in enumerate(p.choices)]
-        sums = sequence_logprobs(model, tok, rows)
-        out.append([(s, sum(lab != IGNORE for lab in r.labels)) for s, r in zip(sums, rows)])
-    return out
+    def texts(p):
+        return [f"The answer is {c}." for c in p.choices]
+
+    sums = choice_logprobs(model, tok, problems, "plain", answers=texts)
+    return [[(s, len(tok.encode(t, add_special_tokens=False))) for s, t in zip(row, texts(p), strict=True)]
+            for row, p in zip(sums, problems, strict=True)]
 
 
 def accuracy(problems, picks) -> float:

@@ -277,6 +277,12 @@ def test_ranked_scores_equal_direct_log_probs(tiny, shared, tmp_path):
         q = question_text(p, instruction=None)
         want = [direct_logprob(model, tok, q, f"The answer is {'ABCDE'[k]}.") for k in range(len(p.choices))]
         np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
+    by_text = choice_logprobs(model, tok, ps, "chat", batch_size=3, instruction=None,
+                              answers=lambda p: [f"The answer is {c}." for c in p.choices])
+    for p, scores in zip(ps, by_text):
+        q = question_text(p, instruction=None)
+        want = [direct_logprob(model, tok, q, f"The answer is {c}.") for c in p.choices]
+        np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
     r = evaluate_scienceqa(model, tok, ps, mode="ranked", instruction=None, batch_size=2)
     assert [x["prediction"] for x in r.predictions] == [int(np.argmax(s)) for s in got] and r.unparsed == 0
     write_predictions(r, tmp_path / "pred.jsonl")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -425,17 +425,20 @@ def sequence_logprobs(model: LlamaLM, tok: Tokenizer, examples: Sequence[Multimo
 
 def choice_logprobs(model: LlamaLM, tok: Tokenizer, problems: Sequence[Problem], template: str = "chat",
                     experts: Sequence[Expert | str] = (), batch_size: int = 8, image_placeholder: str = "",
-                    instruction: str | None = ANSWER_INSTRUCTION, images: bool | None = None) -> list[list[float]]:
-    """Per problem, per choice: log p("The answer is X." | prompt), summed over the answer's tokens. Problems are
-    batched in order of prompt length, so that a batch pads little (prompts run from 60 to 500 tokens)."""
+                    instruction: str | None = ANSWER_INSTRUCTION, images: bool | None = None,
+                    answers: Callable[[Problem], Sequence[str]] | None = None) -> list[list[float]]:
+    """Per problem, per choice: log p("The answer is X." | prompt), summed over the answer's tokens; `answers`
+    gives other per-choice answer texts to score (such as the choices' own texts). Problems are batched in order
+    of prompt length, so that a batch pads little (prompts run from 60 to 500 tokens)."""
     ex = _experts(experts)
     use_images = sees_images(model) if images is None else images
     model.eval()
     rows: list[list[MultimodalExample]] = []
     for p in problems:
         q = question_text(p, ex, instruction)
-        rows.append([_answer_example(tok, q, answer_text(LETTERS[k]), p.image, template, image_placeholder,
-                                     f"scienceqa#{p.pid}/{LETTERS[k]}", use_images) for k in range(len(p.choices))])
+        texts = answers(p) if answers else [answer_text(LETTERS[k]) for k in range(len(p.choices))]
+        rows.append([_answer_example(tok, q, a, p.image, template, image_placeholder, f"scienceqa#{p.pid}/{LETTERS[k]}",
+                                     use_images) for k, a in enumerate(texts)])
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0].input_ids))
     out: list[list[float]] = [[] for _ in rows]
     for start in range(0, len(order), batch_size):
