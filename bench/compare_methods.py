@@ -110,26 +110,17 @@ class PeftRowConfig:
     kind: str
 
 
-class PeftModel(torch.nn.Module):
-    """A PEFT-wrapped transformers model that looks to our trainer and scorers like a LlamaLM with a
-    text-only method attached: `model(input_ids=..., output_positions=mask)` -> logits at those positions."""
+class TransformersModel(torch.nn.Module):
+    """A transformers causal LM that looks to our trainer and scorers like a LlamaLM without a KV cache (so
+    they score it one full sequence at a time): `model(input_ids=..., output_positions=mask)` -> logits at
+    those positions."""
 
-    def __init__(self, kind: str, ours_config, name_or_path: str):
+    def __init__(self, name_or_path: str, ours_config):
         super().__init__()
-        from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from llama_adapter.methods.registry import Attached
-
-        base = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-        cfg = (AdaptionPromptConfig(adapter_len=10, adapter_layers=28, task_type="CAUSAL_LM")
-               if kind == "peft-adaption-prompt" else
-               LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
-                          task_type="CAUSAL_LM"))
-        self.inner = get_peft_model(base, cfg)
-        self.config, self.name_or_path = ours_config, name_or_path
-        names = [f"inner.{n}" for n, p in self.inner.named_parameters() if p.requires_grad]
-        self.adapter = Attached(kind, PeftRowConfig(kind), groups={"peft": names})
+        self.inner = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        self.config, self.name_or_path, self.adapter = ours_config, name_or_path, None
 
     @property
     def device(self) -> torch.device:
@@ -138,6 +129,24 @@ class PeftModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, output_positions: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         logits = self.inner(input_ids=input_ids).logits
         return logits if output_positions is None else logits[output_positions]
+
+
+class PeftModel(TransformersModel):
+    """The same, PEFT-wrapped, with the adapter's parameters as the trainable group."""
+
+    def __init__(self, kind: str, ours_config, name_or_path: str):
+        super().__init__(name_or_path, ours_config)
+        from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
+
+        from llama_adapter.methods.registry import Attached
+
+        cfg = (AdaptionPromptConfig(adapter_len=10, adapter_layers=28, task_type="CAUSAL_LM")
+               if kind == "peft-adaption-prompt" else
+               LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                          task_type="CAUSAL_LM"))
+        self.inner = get_peft_model(self.inner, cfg)
+        names = [f"inner.{n}" for n, p in self.inner.named_parameters() if p.requires_grad]
+        self.adapter = Attached(kind, PeftRowConfig(kind), groups={"peft": names})
 
 
 # -- one row, in a subprocess -----------------------------------------------------------------------
@@ -223,6 +232,9 @@ def run_sqa_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
     res = evaluate_scienceqa(model, tok, val, mode="ranked", template="plain", images=row.images)
     out.update({"eval_seconds": round(time.perf_counter() - t0, 1), "val_problems": len(val),
                 "accuracy": res.summary(), "two_choice_b": two_choice_b(val, res.predictions)})
+    t0 = time.perf_counter()
+    circ = evaluate_scienceqa(model, tok, val, mode="ranked", template="plain", images=row.images, circular=True)
+    out.update({"circular_eval_seconds": round(time.perf_counter() - t0, 1), "circular": circ.summary()})
     return out
 
 
@@ -289,18 +301,21 @@ def cost_cells(r: dict) -> str:
 
 
 def sqa_table(sqa: list[dict], args) -> list[str]:
-    head = ("| method | overall | " + " | ".join(GROUPS) + " | (B) chosen, 2 choices | trainable params | train s | "
-            "tokens/s | peak RSS MB |")
+    head = ("| method | overall | circular | " + " | ".join(GROUPS) + " | (B) chosen, 2 choices | trainable params | "
+            "train s | tokens/s | peak RSS MB |")
     lines = [f"ScienceQA dev protocol, SmolLM2-135M, {args.steps} steps x batch {args.batch} per trained row, "
              f"training problems' choices {args.option_order} (ranked-choice accuracy, %, on "
-             f"{sqa[0]['val_problems']} validation problems; \"(B) chosen\": how often the model picks (B) on the "
+             f"{sqa[0]['val_problems']} validation problems; \"circular\": right only when every rotation of the "
+             f"choices is answered right; \"(B) chosen\": how often the model picks (B) on the "
              f"two-choice ones, where it is the answer {pct(sqa[0].get('two_choice_b', {}).get('answer'))}% of the "
-             f"time):", "", head, "|" + "---|" * (len(GROUPS) + 7)]
+             f"time):", "", head, "|" + "---|" * (len(GROUPS) + 8)]
     for r in sqa:
         acc = r["accuracy"]
         groups = acc.get("groups", {})
         b = r.get("two_choice_b") or {}
-        lines.append(f"| {r['row']} | {pct(acc['accuracy'])} | " + " | ".join(pct(groups.get(g)) for g in GROUPS)
+        circular = pct(r["circular"]["accuracy"]) if "circular" in r else "-"
+        lines.append(f"| {r['row']} | {pct(acc['accuracy'])} | {circular} | "
+                     + " | ".join(pct(groups.get(g)) for g in GROUPS)
                      + f" | {pct(b.get('predicted'))} | {cost_cells(r)} |")
     return lines
 
@@ -328,10 +343,11 @@ def chart(sqa: list[dict], path: Path) -> None:
     names = [r["row"] for r in sqa]
     overall = [100 * r["accuracy"]["accuracy"] for r in sqa]
     img = [100 * (r["accuracy"].get("groups", {}).get("IMG") or 0) for r in sqa]
+    circular = [100 * r["circular"]["accuracy"] if "circular" in r else 0 for r in sqa]
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    ax.bar([i - 0.2 for i in x], overall, width=0.4, label="overall")
-    ax.bar([i + 0.2 for i in x], img, width=0.4, label="IMG")
+    for offset, values, label in ((-0.27, overall, "overall"), (0.0, img, "IMG"), (0.27, circular, "circular")):
+        ax.bar([i + offset for i in x], values, width=0.27, label=label)
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     ax.set_ylabel("ScienceQA dev-val accuracy, %")
     ax.set_title("SmolLM2-135M, equal steps, ranked-choice")

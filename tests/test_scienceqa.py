@@ -23,10 +23,12 @@ from llama_adapter.eval.scienceqa import (
     dev_protocol_train,
     dev_protocol_val,
     evaluate_scienceqa,
+    format_result,
     groups_of,
     load_scienceqa,
     parse_answer,
     question_text,
+    rotate_choices,
     scienceqa_conversations,
     scienceqa_to_llava,
     score,
@@ -161,6 +163,13 @@ def test_shuffle_choices_keeps_each_answer_and_balances_positions():
     assert ps[0].choices == ["yes", "no"]  # the input is not changed
 
 
+def test_rotate_choices_moves_the_answer_with_its_choice():
+    p = Problem("7", "q", ["a", "b", "c"], 2, "", False, None, "natural science", 3, "dev")
+    rotated = [rotate_choices(p, k) for k in range(4)]
+    assert [r.choices for r in rotated] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert [r.choices[r.answer] for r in rotated] == ["c"] * 4 and [r.answer for r in rotated] == [2, 1, 0, 2]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # prompts, conversations, parsing, groups
 
@@ -269,26 +278,48 @@ def direct_logprob(model, tok, question: str, answer: str) -> float:
 
 
 def test_ranked_scores_equal_direct_log_probs(tiny, shared, tmp_path):
+    """Both layouts (a prompt shared by its choices, and one sequence per choice) against a plain forward."""
     model, tok = tiny
     torch.set_num_threads(1)
     ps = load_scienceqa(shared[0], None, split="dev")[:4]
-    got = choice_logprobs(model, tok, ps, "chat", batch_size=3, instruction=None)
-    for p, scores in zip(ps, got):
-        q = question_text(p, instruction=None)
-        want = [direct_logprob(model, tok, q, f"The answer is {'ABCDE'[k]}.") for k in range(len(p.choices))]
-        np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
-    by_text = choice_logprobs(model, tok, ps, "chat", batch_size=3, instruction=None,
-                              answers=lambda p: [f"The answer is {c}." for c in p.choices])
-    for p, scores in zip(ps, by_text):
-        q = question_text(p, instruction=None)
-        want = [direct_logprob(model, tok, q, f"The answer is {c}.") for c in p.choices]
-        np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
+    for shared_prompt in (True, False):
+        got = choice_logprobs(model, tok, ps, "chat", batch_size=3, instruction=None, shared_prompt=shared_prompt)
+        for p, scores in zip(ps, got):
+            q = question_text(p, instruction=None)
+            want = [direct_logprob(model, tok, q, f"The answer is {'ABCDE'[k]}.") for k in range(len(p.choices))]
+            np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
+        by_text = choice_logprobs(model, tok, ps, "chat", batch_size=3, instruction=None, shared_prompt=shared_prompt,
+                                  answers=lambda p: [f"The answer is {c}." for c in p.choices])
+        for p, scores in zip(ps, by_text):
+            q = question_text(p, instruction=None)
+            want = [direct_logprob(model, tok, q, f"The answer is {c}.") for c in p.choices]
+            np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
     r = evaluate_scienceqa(model, tok, ps, mode="ranked", instruction=None, batch_size=2)
     assert [x["prediction"] for x in r.predictions] == [int(np.argmax(s)) for s in got] and r.unparsed == 0
     write_predictions(r, tmp_path / "pred.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert [x["pid"] for x in rows] == [p.pid for p in ps] and set(rows[0]) >= {"pid", "prediction", "letter",
                                                                                  "reply", "correct", "groups"}
+
+
+def test_circular_evaluation_needs_every_rotation_right(tiny, shared):
+    """Circular picks are the plain ranked picks of each rotation, mapped back to the given choices; a problem
+    is right only when all of them are its answer; the first rotation is the plain evaluation."""
+    model, tok = tiny
+    ps = load_scienceqa(shared[0], None, split="dev")
+    plain = evaluate_scienceqa(model, tok, ps, mode="ranked", instruction=None)
+    circ = evaluate_scienceqa(model, tok, ps, mode="ranked", instruction=None, circular=True)
+    assert circ.circular and not plain.circular and "ranked, circular" in format_result(circ)
+    for p, row, plain_row in zip(ps, circ.predictions, plain.predictions):
+        n = len(p.choices)
+        rotated = [rotate_choices(p, k) for k in range(n)]
+        scores = choice_logprobs(model, tok, rotated, "chat", instruction=None)
+        want = [(int(np.argmax(sc)) + k) % n for k, sc in enumerate(scores)]
+        assert row["circular_picks"] == want and row["correct"] == all(w == p.answer for w in want)
+        assert row["prediction"] == plain_row["prediction"]
+    assert circ.accuracy == sum(r["correct"] for r in circ.predictions) / len(ps) <= plain.accuracy
+    picks = {tuple(r["circular_picks"]) for r in circ.predictions}
+    assert any(len(set(pk)) > 1 for pk in picks)  # the tiny model's picks do depend on the order
 
 
 def test_generate_mode_never_guesses(tiny, shared):
@@ -302,12 +333,18 @@ def test_generate_mode_never_guesses(tiny, shared):
     assert r.accuracy == sum(row["correct"] for row in r.predictions) / len(ps)
 
 
-def test_ranked_with_images_uses_the_generation_layout(tiny_folder, shared):
-    """A LaVIN model with a tiny CLIP: the ranked score of an image problem equals the log-prob computed from
-    the left-padded generation layout (prepare_inputs), and the image changes it."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+MULTIMODAL = {"v1": lambda clip: la.AdapterV1Config(prompt_len=3, vision=clip, feature_cache=False),
+              "v2": lambda clip: la.AdapterV2Config(prompt_len=3, n_layers=2, vision=clip, visual_layers=2,
+                                                    visual_queries=3, visual_width=32, feature_cache=False),
+              "lavin": lambda clip: la.LavinConfig(vision=clip, feature_cache=False)}
 
-    from llama_adapter.generate import left_pad
+
+@pytest.mark.parametrize("method", sorted(MULTIMODAL))
+def test_ranked_scores_with_images_equal_the_training_layout(method, tiny_folder, shared):
+    """Each method with a tiny CLIP: the shared-prompt scores of a batch mixing image and text problems of
+    different lengths equal each prompt + answer scored alone in the training layout (the trainer's
+    `prepare_batch`), and images change them."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     clip = tiny_folder.parent / "clip"
     torch.manual_seed(0)
@@ -315,29 +352,20 @@ def test_ranked_with_images_uses_the_generation_layout(tiny_folder, shared):
                                      image_size=32, patch_size=8)).save_pretrained(str(clip))
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(clip))
     model, tok = la.load_pretrained(tiny_folder)
-    la.attach(model, la.LavinConfig(vision=f"clip:{clip}", feature_cache=False))
+    la.attach(model, MULTIMODAL[method](f"clip:{clip}"))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for prm in la.trainable_parameters(model).values():
             prm.add_(torch.randn(prm.shape, generator=g) * 0.3)
     model.eval()
-    p = load_scienceqa(shared[0], shared[1], pids=["4"])[0]
-    assert p.image is not None
-    got = choice_logprobs(model, tok, [p], "chat", instruction=None)[0]
-    blind = choice_logprobs(model, tok, [p], "chat", instruction=None, images=False)[0]
-    assert not np.allclose(got, blind)
-    q = question_text(p, instruction=None)
-    for k, score_k in enumerate(got):
-        prompt = prompt_ids(tok, q, "chat", has_image=True)
-        ans = tok.encode(f"The answer is {'ABCDE'[k]}.", add_special_tokens=False)
-        ids, mask = left_pad([prompt + ans], tok.pad_id, model.device)
-        with torch.no_grad():
-            prep = model.adapter.prepare_inputs(model, ids, mask, [p.image])
-            logp = model(inputs_embeds=prep.inputs_embeds, attention_mask=prep.attention_mask,
-                         extras=prep.extras).float().log_softmax(-1)[0]
-        T = logp.shape[0]
-        want = sum(float(logp[T - len(ans) - 1 + j, t]) for j, t in enumerate(ans))
-        assert score_k == pytest.approx(want, abs=1e-4)
+    ps = load_scienceqa(shared[0], shared[1], split="dev")
+    assert 0 < sum(p.image is not None for p in ps) < len(ps)
+    got = choice_logprobs(model, tok, ps, "chat", instruction=None, batch_size=len(ps))
+    blind = choice_logprobs(model, tok, ps, "chat", instruction=None, images=False, batch_size=4)
+    alone = choice_logprobs(model, tok, ps, "chat", instruction=None, batch_size=1, shared_prompt=False)
+    for p, scores, want, scores_blind in zip(ps, got, alone, blind):
+        np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
+        assert np.allclose(scores, scores_blind) == (p.image is None), p.pid
 
 
 def test_cli_end_to_end(tmp_path, shared, capsys):
@@ -354,6 +382,11 @@ def test_cli_end_to_end(tmp_path, shared, capsys):
     ps = dev_protocol_val(load_scienceqa(shared[0], shared[1], missing_images="text"))
     want = evaluate_scienceqa(model, tok, ps, mode="ranked")
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in want.predictions]
+    assert main([*args, "--protocol", "dev-val", "--mode", "ranked", "--circular", "--out", str(out)]) == 0
+    assert "ScienceQA (ranked, circular): 3 problems" in capsys.readouterr().out
+    circ = evaluate_scienceqa(model, tok, ps, mode="ranked", circular=True)
+    assert [json.loads(line)["circular_picks"] for line in out.read_text().splitlines()] == [
+        r["circular_picks"] for r in circ.predictions]
     assert main([*args, "--split", "dev", "--limit", "2", "--max-new-tokens", "3"]) == 0
     assert "ScienceQA (generate): 2 problems" in capsys.readouterr().out
     assert main([*args[:-4], "--device", "cpu"]) == 2  # train problem 1's image is missing

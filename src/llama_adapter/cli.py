@@ -228,7 +228,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     template = a.template or ("chat" if tok.has_chat_template else "plain")
     result = evaluate_scienceqa(model, tok, problems, mode=a.mode, template=template, experts=a.expert,
                                 batch_size=a.batch_size, image_placeholder=a.image_placeholder,
-                                max_new_tokens=a.max_new_tokens)
+                                max_new_tokens=a.max_new_tokens, circular=a.circular)
     print(format_result(result))
     if a.out:
         write_predictions(result, a.out)
@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_scienceqa_args(sq)
     sq.add_argument("--mode", choices=("generate", "ranked"), default="generate",
                     help="generate and parse the answer, or rank the choices by likelihood")
+    sq.add_argument("--circular", action="store_true",
+                    help="ask each problem once per rotation of its choices; right only when every answer is")
     sq.add_argument("--template", choices=("chat", "plain"), default=None,
                     help="prompt layout, as in training (default: chat when the model has a chat template)")
     sq.add_argument("--image-placeholder", default="", help="text put before the question of image problems")

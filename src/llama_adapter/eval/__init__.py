@@ -9,6 +9,7 @@ from .scienceqa import (
     evaluate_scienceqa,
     load_scienceqa,
     parse_answer,
+    rotate_choices,
     scienceqa_conversations,
     scienceqa_to_llava,
     shuffle_choices,
@@ -18,5 +19,5 @@ from .vqa import VQAResult, evaluate_vqa
 
 __all__ = ["Problem", "ScienceQAResult", "VQAResult", "bleu", "bleu4", "cider_d", "cider_d_scores",
            "dev_protocol_train", "dev_protocol_val", "evaluate_scienceqa", "evaluate_vqa", "load_scienceqa",
-           "parse_answer", "scienceqa_conversations", "scienceqa_to_llava", "shuffle_choices",
+           "parse_answer", "rotate_choices", "scienceqa_conversations", "scienceqa_to_llava", "shuffle_choices",
            "write_predictions"]

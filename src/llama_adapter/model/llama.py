@@ -68,7 +68,8 @@ class AdaptableLinear(nn.Linear):
 
 @dataclass
 class ForwardContext:
-    """Per-call state that hooks read: the cache and method-specific per-example inputs."""
+    """Per-call state that hooks read: the cache and method-specific per-example inputs (every tensor
+    in `extras` is per row, dim 0 = batch, so that `select_extras` can repeat rows)."""
 
     batch_size: int
     cache: KVCache | None = None
@@ -96,6 +97,29 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select_rows(self, index: torch.Tensor, max_len: int | None = None) -> KVCache:
+        """A cache whose row i is row index[i] of this one (several continuations of one prompt), with room
+        for `max_len` positions (default: this cache's)."""
+        out = KVCache.__new__(KVCache)
+        out.max_len = self.max_len if max_len is None else max_len
+        if out.max_len < self.length:
+            raise ValueError(f"a cache of {out.max_len} positions cannot hold the {self.length} already filled")
+        shape = (self.k.shape[0], len(index), self.k.shape[2], out.max_len, self.k.shape[4])
+        out.k, out.v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        out.k[:, :, :, :self.length] = self.k[:, index, :, :self.length]
+        out.v[:, :, :, :self.length] = self.v[:, index, :, :self.length]
+        out.length = self.length
+        # prompt keys/values shared by all rows ([1, ...]) stay shared
+        out.prefix = {layer: tuple(t if t.shape[0] == 1 else t[index] for t in kv)  # type: ignore[misc]
+                      for layer, kv in self.prefix.items()}
+        out.state = {key: t[index] for key, t in self.state.items()}
+        return out
+
+
+def select_extras(extras: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    """The method inputs of rows `index` (ForwardContext's convention: tensors are per row)."""
+    return {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in extras.items()}
 
 
 class Attention(nn.Module):
