@@ -146,3 +146,16 @@ def write_results(name: str, figures: dict[str, Any], table_md: str, machine: di
     js.write_text(json.dumps(figures, indent=2) + "\n")
     md.write_text(table_md.rstrip() + "\n")
     return js, md
+
+
+SCIENCEQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scienceqa"
+
+
+def scienceqa_validation(limit: int) -> tuple[list, list]:
+    """(every problem of the shared ScienceQA copy, `limit` validation problems of the development protocol
+    spread evenly over the pids; 0: all 1,045), as every ScienceQA benchmark here selects them."""
+    from llama_adapter.eval.scienceqa import dev_protocol_val, load_scienceqa
+
+    problems = load_scienceqa(SCIENCEQA / "problems.json", SCIENCEQA / "images", missing_images="text")
+    val = sorted(dev_protocol_val(problems), key=lambda p: int(p.pid))
+    return problems, (val[:: max(1, len(val) // limit)][:limit] if limit else val)

@@ -43,11 +43,17 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_threads, machine_info, peak_rss_bytes, reset_peak_rss, write_results  # noqa: E402
+from common import (  # noqa: E402
+    bench_threads,
+    machine_info,
+    peak_rss_bytes,
+    reset_peak_rss,
+    scienceqa_validation,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-SQA = SHARED / "scienceqa"
 ALPACA = SHARED / "alpaca"
 GROUPS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 
@@ -206,17 +212,9 @@ def train_row(row: Row, model, tok, train: dict, args, out_dir: Path) -> dict[st
 
 
 def run_sqa_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
-    from llama_adapter.eval.scienceqa import (
-        dev_protocol_train,
-        dev_protocol_val,
-        evaluate_scienceqa,
-        load_scienceqa,
-        shuffle_choices,
-    )
+    from llama_adapter.eval.scienceqa import dev_protocol_train, evaluate_scienceqa, shuffle_choices
 
-    problems = load_scienceqa(SQA / "problems.json", SQA / "images", missing_images="text")
-    val = sorted(dev_protocol_val(problems), key=lambda p: int(p.pid))
-    val = val[:: max(1, len(val) // args.val_limit)][: args.val_limit] if args.val_limit else val
+    problems, val = scienceqa_validation(args.val_limit)
     model, tok = build(row)
     out = row_header(row, model)
     if row.impl != "none":
@@ -351,7 +349,8 @@ def chart(sqa: list[dict], path: Path) -> None:
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     ax.set_ylabel("ScienceQA dev-val accuracy, %")
     ax.set_title("SmolLM2-135M, equal steps, ranked-choice")
-    ax.legend()
+    ax.set_ylim(0, 1.25 * max(overall + img + circular))
+    ax.legend(ncol=3, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

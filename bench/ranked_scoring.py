@@ -23,14 +23,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_threads, machine_info, write_results  # noqa: E402
+from common import bench_threads, machine_info, scienceqa_validation, write_results  # noqa: E402
 from compare_methods import TransformersModel  # noqa: E402
 
 import llama_adapter as la  # noqa: E402
-from llama_adapter.eval.scienceqa import choice_logprobs, dev_protocol_val, load_scienceqa  # noqa: E402
+from llama_adapter.eval.scienceqa import choice_logprobs  # noqa: E402
 from llama_adapter.model.load import resolve_model_path  # noqa: E402
-
-SQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scienceqa"
 
 
 def main() -> None:
@@ -40,9 +38,7 @@ def main() -> None:
     ap.add_argument("--name", default="ranked_scoring")
     args = ap.parse_args()
     torch.set_num_threads(bench_threads())
-    problems = load_scienceqa(SQA / "problems.json", SQA / "images", missing_images="text")
-    val = sorted(dev_protocol_val(problems), key=lambda p: int(p.pid))
-    val = val[:: max(1, len(val) // args.val_limit)][: args.val_limit] if args.val_limit else val
+    _, val = scienceqa_validation(args.val_limit)
     ours, tok = la.load_pretrained("smollm2-135m", dtype="fp32")
     hf = TransformersModel(str(resolve_model_path("smollm2-135m", progress=False)), ours.config)
     rows = {

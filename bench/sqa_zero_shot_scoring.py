@@ -19,12 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_threads, machine_info, write_results  # noqa: E402
+from common import bench_threads, machine_info, scienceqa_validation, write_results  # noqa: E402
 
 import llama_adapter as la  # noqa: E402
-from llama_adapter.eval.scienceqa import choice_logprobs, dev_protocol_val, load_scienceqa  # noqa: E402
-
-SQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scienceqa"
+from llama_adapter.eval.scienceqa import choice_logprobs  # noqa: E402
 
 
 def text_scores(model, tok, problems) -> list[list[tuple[float, int]]]:
@@ -47,9 +45,7 @@ def main() -> None:
     ap.add_argument("--name", default="sqa_zero_shot_scoring")
     args = ap.parse_args()
     torch.set_num_threads(bench_threads())
-    problems = load_scienceqa(SQA / "problems.json", SQA / "images", missing_images="text")
-    val = sorted(dev_protocol_val(problems), key=lambda p: int(p.pid))
-    val = val[:: max(1, len(val) // args.val_limit)][: args.val_limit] if args.val_limit else val
+    _, val = scienceqa_validation(args.val_limit)
     model, tok = la.load_pretrained("smollm2-135m")
     t0 = time.perf_counter()
     letters = choice_logprobs(model, tok, val, "plain")
