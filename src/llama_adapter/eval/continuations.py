@@ -3,8 +3,8 @@
 Ranked-choice scoring asks how likely each of K answers is after the same prompt. Running prompt + answer
 K times repeats the prompt's work K times (ScienceQA prompts run from 60 to 500 tokens, its answers are
 about 7). Here the prompts run once, laid out as for generation (`prepare_prompts`: left padding, the
-method's images and inserted tokens); their keys/values are copied to one row per continuation, and all
-continuations then run together as one more step of that cache.
+method's images and inserted tokens) into a cache with room for the continuations; its rows are copied to
+one row per continuation, and all continuations then run together as one more step of that cache.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ def continuation_logprobs(model: LlamaLM, tok: Tokenizer, prompts: Sequence[Sequ
     for r, c in enumerate(flat):
         ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
     ids = ids.to(dev)
-    cache = model.new_cache(len(prompts), batch.length)
+    cache = model.new_cache(len(prompts), batch.length + width - 1)  # room for all but each last token
     first = model(batch.input_ids, inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                   cache=cache, extras=batch.extras, output_positions=(slice(None), -1))
     logits = first[owner][:, None]  # [R, 1, V]: predicts each continuation's first token
     if width > 1:  # the last token's prediction is never needed
-        cache = cache.select_rows(owner, batch.length + width - 1)
+        cache = cache.select_rows(owner)
         prompt_mask = batch.attention_mask[owner]
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(flat), width - 1)], dim=1)
         positions = prompt_mask.long().sum(-1)[:, None] + torch.arange(width - 1, device=dev)

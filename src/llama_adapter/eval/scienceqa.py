@@ -200,15 +200,19 @@ def shuffle_choices(problems: Iterable[Problem], seed: int = 0) -> list[Problem]
     for p in problems:
         order = list(range(len(p.choices)))
         random.Random(f"{seed}:{p.pid}").shuffle(order)
-        out.append(replace(p, choices=[p.choices[i] for i in order], answer=order.index(p.answer)))
+        out.append(_reordered(p, order))
     return out
 
 
 def rotate_choices(p: Problem, k: int) -> Problem:
     """The problem with its choices rotated by k (choice k comes first), the answer following its choice."""
     n = len(p.choices)
-    k %= n
-    return replace(p, choices=p.choices[k:] + p.choices[:k], answer=(p.answer - k) % n)
+    return _reordered(p, [(j + k) % n for j in range(n)])
+
+
+def _reordered(p: Problem, order: Sequence[int]) -> Problem:
+    """The problem whose j-th choice is the given problem's choice order[j], the answer following its choice."""
+    return replace(p, choices=[p.choices[i] for i in order], answer=list(order).index(p.answer))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -98,18 +98,11 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def select_rows(self, index: torch.Tensor, max_len: int | None = None) -> KVCache:
-        """A cache whose row i is row index[i] of this one (several continuations of one prompt), with room
-        for `max_len` positions (default: this cache's)."""
+    def select_rows(self, index: torch.Tensor) -> KVCache:
+        """A cache whose row i is row index[i] of this one (several continuations of one prompt)."""
         out = KVCache.__new__(KVCache)
-        out.max_len = self.max_len if max_len is None else max_len
-        if out.max_len < self.length:
-            raise ValueError(f"a cache of {out.max_len} positions cannot hold the {self.length} already filled")
-        shape = (self.k.shape[0], len(index), self.k.shape[2], out.max_len, self.k.shape[4])
-        out.k, out.v = self.k.new_zeros(shape), self.v.new_zeros(shape)
-        out.k[:, :, :, :self.length] = self.k[:, index, :, :self.length]
-        out.v[:, :, :, :self.length] = self.v[:, index, :, :self.length]
-        out.length = self.length
+        out.max_len, out.length = self.max_len, self.length
+        out.k, out.v = self.k.index_select(1, index), self.v.index_select(1, index)
         # prompt keys/values shared by all rows ([1, ...]) stay shared
         out.prefix = {layer: tuple(t if t.shape[0] == 1 else t[index] for t in kv)  # type: ignore[misc]
                       for layer, kv in self.prefix.items()}
