@@ -20,6 +20,8 @@ before training) is its own.
 
 The training problems' choices are shuffled per pid (recipes/scienceqa_dev_protocol.md), and each ScienceQA row
 also reports how often it picks (B) on the two-choice validation problems, which shows a position preference.
+Rows are paired (the same validation problems), so each trained row's difference from zero-shot, and V1 against
+PEFT's AdaptionPrompt and V2 against LoRA, are tested with McNemar's exact test (llama_adapter/eval/paired.py).
 
     python bench/compare_methods.py [--steps 60] [--val-limit 300] [--alpaca-steps 60] [--nll-records 100]
         [--option-order shuffled|original] [--rows "V1;PEFT LoRA r8 q,v"] [--tables sqa,alpaca] [--name N]
@@ -229,7 +231,8 @@ def run_sqa_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = evaluate_scienceqa(model, tok, val, mode="ranked", template="plain", images=row.images)
     out.update({"eval_seconds": round(time.perf_counter() - t0, 1), "val_problems": len(val),
-                "accuracy": res.summary(), "two_choice_b": two_choice_b(val, res.predictions)})
+                "accuracy": res.summary(), "two_choice_b": two_choice_b(val, res.predictions),
+                "correct": [r["correct"] for r in res.predictions]})
     t0 = time.perf_counter()
     circ = evaluate_scienceqa(model, tok, val, mode="ranked", template="plain", images=row.images, circular=True)
     out.update({"circular_eval_seconds": round(time.perf_counter() - t0, 1), "circular": circ.summary()})
@@ -288,6 +291,21 @@ def run_child(part: str, row: Row, args) -> dict[str, Any]:
     return result
 
 
+# Pairs the issue's targets compare, tested for a difference beyond chance when both rows ran.
+TARGET_PAIRS = ((V1.name, PEFT_ADAPTION_PROMPT.name), (V2_TEXT.name, PEFT_LORA.name))
+
+
+def paired_tests(sqa: list[dict]) -> list[tuple[str, str, Any]]:
+    """(row a, row b, PairedComparison): McNemar's exact test of every trained row against zero-shot and of the
+    target pairs, on the same problems (rows without per-problem results are skipped)."""
+    from llama_adapter.eval.paired import compare_paired
+
+    by_name = {r["row"]: r for r in sqa if "correct" in r}
+    pairs = [(r, ZERO_SHOT.name) for r in by_name if r != ZERO_SHOT.name] + list(TARGET_PAIRS)
+    return [(a, b, compare_paired(by_name[a]["correct"], by_name[b]["correct"]))
+            for a, b in pairs if a in by_name and b in by_name]
+
+
 def pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -298,24 +316,28 @@ def cost_cells(r: dict) -> str:
                       + [str(r.get(k, "-")) for k in ("train_seconds", "tokens_per_s", "peak_memory_mb")])
 
 
-def sqa_table(sqa: list[dict], args) -> list[str]:
-    head = ("| method | overall | circular | " + " | ".join(GROUPS) + " | (B) chosen, 2 choices | trainable params | "
-            "train s | tokens/s | peak RSS MB |")
+def sqa_table(sqa: list[dict], tests: list[tuple[str, str, Any]], args) -> list[str]:
+    p_zero = {a: t.p_value for a, b, t in tests if b == ZERO_SHOT.name}
+    head = ("| method | overall | p vs zero-shot | circular | " + " | ".join(GROUPS)
+            + " | (B) chosen, 2 choices | trainable params | train s | tokens/s | peak RSS MB |")
     lines = [f"ScienceQA dev protocol, SmolLM2-135M, {args.steps} steps x batch {args.batch} per trained row, "
              f"training problems' choices {args.option_order} (ranked-choice accuracy, %, on "
              f"{sqa[0]['val_problems']} validation problems; \"circular\": right only when every rotation of the "
              f"choices is answered right; \"(B) chosen\": how often the model picks (B) on the "
              f"two-choice ones, where it is the answer {pct(sqa[0].get('two_choice_b', {}).get('answer'))}% of the "
-             f"time):", "", head, "|" + "---|" * (len(GROUPS) + 8)]
+             f"time; \"p vs zero-shot\": McNemar's exact test on the same problems):", "", head,
+             "|" + "---|" * (len(GROUPS) + 9)]
     for r in sqa:
         acc = r["accuracy"]
         groups = acc.get("groups", {})
         b = r.get("two_choice_b") or {}
         circular = pct(r["circular"]["accuracy"]) if "circular" in r else "-"
-        lines.append(f"| {r['row']} | {pct(acc['accuracy'])} | {circular} | "
+        p = f"{p_zero[r['row']]:.2g}" if r["row"] in p_zero else "-"
+        lines.append(f"| {r['row']} | {pct(acc['accuracy'])} | {p} | {circular} | "
                      + " | ".join(pct(groups.get(g)) for g in GROUPS)
                      + f" | {pct(b.get('predicted'))} | {cost_cells(r)} |")
-    return lines
+    pair_lines = [t.format(a, b) for a, b, t in tests if b != ZERO_SHOT.name]
+    return lines + ([""] + [f"- {line}" for line in pair_lines] if pair_lines else [])
 
 
 def alpaca_table(alpaca: list[dict], args) -> list[str]:
@@ -327,8 +349,8 @@ def alpaca_table(alpaca: list[dict], args) -> list[str]:
     return lines
 
 
-def markdown(sqa: list[dict], alpaca: list[dict], args) -> str:
-    parts = ([sqa_table(sqa, args)] if sqa else []) + ([alpaca_table(alpaca, args)] if alpaca else [])
+def markdown(sqa: list[dict], tests: list[tuple[str, str, Any]], alpaca: list[dict], args) -> str:
+    parts = ([sqa_table(sqa, tests, args)] if sqa else []) + ([alpaca_table(alpaca, args)] if alpaca else [])
     return "\n\n".join("\n".join(p) for p in parts)
 
 
@@ -383,10 +405,12 @@ def main() -> None:
 
     sqa = [run_child("sqa", r, args) for r in chosen(SQA_ROWS)] if "sqa" in tables else []
     alpaca = [run_child("alpaca", r, args) for r in chosen(ALPACA_ROWS)] if "alpaca" in tables else []
-    figures = {"scienceqa": sqa, "alpaca": alpaca, "steps": args.steps, "alpaca_steps": args.alpaca_steps,
-               "batch_size": args.batch, "val_limit": args.val_limit,
+    tests = paired_tests(sqa)
+    figures = {"scienceqa": sqa, "paired_tests": [{"a": a, "b": b, **dataclasses.asdict(t)} for a, b, t in tests],
+               "alpaca": alpaca, "steps": args.steps,
+               "alpaca_steps": args.alpaca_steps, "batch_size": args.batch, "val_limit": args.val_limit,
                "option_order": args.option_order, "total_seconds": round(time.perf_counter() - t0)}
-    md = markdown(sqa, alpaca, args)
+    md = markdown(sqa, tests, alpaca, args)
     write_results(args.name, figures, md, machine_info(("transformers", "peft")))
     if sqa:
         chart(sqa, Path(__file__).resolve().parent / "results" / f"{args.name}.png")

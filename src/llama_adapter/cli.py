@@ -221,6 +221,8 @@ def select_scienceqa(a: argparse.Namespace) -> list:
 
 @command("eval")
 def cmd_eval(a: argparse.Namespace) -> int:
+    if a.eval_command == "compare":
+        return cmd_eval_compare(a)
     from llama_adapter.eval.scienceqa import evaluate_scienceqa, format_result, write_predictions
 
     problems = select_scienceqa(a)
@@ -233,6 +235,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.out:
         write_predictions(result, a.out)
         print(f"predictions written to {a.out}")
+    return 0
+
+
+def cmd_eval_compare(a: argparse.Namespace) -> int:
+    from llama_adapter.eval.paired import compare_prediction_files
+
+    print(compare_prediction_files(a.a, a.b).format(a.a, a.b))
     return 0
 
 
@@ -328,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--batch-size", type=int, default=8)
     sq.add_argument("--max-new-tokens", type=int, default=16)
     sq.add_argument("--out", default=None, help="write per-problem predictions (JSONL)")
+    cp = ev_sub.add_parser("compare", help="two predictions files (eval scienceqa --out) on the same problems: "
+                                           "accuracies, disagreements and McNemar's exact p-value")
+    cp.add_argument("a", help="the first predictions JSONL")
+    cp.add_argument("b", help="the second predictions JSONL")
 
     d = sub.add_parser("demo", help="fine-tune V1 multimodal on synthetic images and answer questions about them")
     d.add_argument("--out", default="runs/demo")
