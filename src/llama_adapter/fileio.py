@@ -93,3 +93,19 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def read_json_lines(path: str | Path, what: str = "file") -> list[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a JSON Lines file; a missing file or a bad
+    line is an error naming the path and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
+    return out

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fileio import read_json
+from ..fileio import read_json, read_json_lines
 
 
 @dataclass
@@ -26,16 +25,7 @@ def read_json_records(path: str | Path) -> list[Any]:
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         return data
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
-    return records
+    return [record for _, record in read_json_lines(path, "data file")]
 
 
 def object_records(path: str | Path) -> list[tuple[int, str, dict[str, Any]]]:

@@ -9,11 +9,12 @@ two-sided binomial tail of the observed split (exact, so it holds for few disagr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import comb
 from pathlib import Path
+
+from ..fileio import read_json_lines
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,11 @@ def compare_paired(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> Pair
 def read_correct(path: str | Path) -> dict[str, bool]:
     """pid -> correct, from a predictions file that `write_predictions` (`eval scienceqa --out`) wrote."""
     out: dict[str, bool] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                out[str(row["pid"])] = bool(row["correct"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}, line {line_no}: not a prediction record with pid and correct ({e})") from e
+    for line_no, row in read_json_lines(path, "predictions file"):
+        try:
+            out[str(row["pid"])] = bool(row["correct"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}, line {line_no}: not a prediction record with pid and correct ({e})") from e
     return out
 
 
