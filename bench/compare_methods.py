@@ -7,8 +7,10 @@ with images, PEFT's AdaptionPrompt and PEFT's LoRA (rank 8 on q and v). Every tr
 our trainer (same sampler, schedule, AdamW, bf16 autocast), the plain template and the same
 conversations; rows with images get the problem's image through their method, the others the
 text alone. Accuracy is ranked-choice (the option whose "The answer is X." is most likely),
-because a 135M model formats poorly. V2 with images alternates text-only steps (its instruction
-group) with image steps (its visual group) on the same problems, as its joint training does.
+because a 135M model formats poorly; with --answer-form choice the answers name the choice's
+text ("The answer is blue.") in training and scoring instead of its letter. V2 with images
+alternates text-only steps (its instruction group) with image steps (its visual group) on the
+same problems, as its joint training does.
 Each of our rows takes the method options and learning rate of its committed CPU recipe
 (recipes/*_cpu.yaml); PEFT's AdaptionPrompt takes V1's learning rate, being the same method.
 
@@ -24,7 +26,8 @@ Rows are paired (the same validation problems), so each trained row's difference
 PEFT's AdaptionPrompt and V2 against LoRA, are tested with McNemar's exact test (llama_adapter/eval/paired.py).
 
     python bench/compare_methods.py [--steps 60] [--val-limit 300] [--alpaca-steps 60] [--nll-records 100]
-        [--option-order shuffled|original] [--rows "V1;PEFT LoRA r8 q,v"] [--tables sqa,alpaca] [--name N]
+        [--option-order shuffled|original] [--answer-form letter|choice] [--rows "V1;PEFT LoRA r8 q,v"]
+        [--tables sqa,alpaca] [--name N]
 """
 
 from __future__ import annotations
@@ -182,14 +185,14 @@ def row_header(row: Row, model) -> dict[str, Any]:
             "lr": row.lr if trained else None}
 
 
-def sqa_examples(tok, problems, images: bool, kind: str):
+def sqa_examples(tok, problems, images: bool, kind: str, answer_form: str):
     """The problems as training examples (plain template); the few whose prompt fills 512 tokens are left out."""
     from llama_adapter.data.multimodal import encode_conversation
     from llama_adapter.data.tokenize import PromptTooLong
     from llama_adapter.eval.scienceqa import scienceqa_conversations
 
     out = []
-    for c in scienceqa_conversations(problems):
+    for c in scienceqa_conversations(problems, answer_form=answer_form):
         try:
             out.append(encode_conversation(tok, c if images else dataclasses.replace(c, image=None), 512, "plain",
                                            kind=kind))
@@ -223,18 +226,21 @@ def run_sqa_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
         train_p = dev_protocol_train(problems)
         train_p = shuffle_choices(train_p) if args.option_order == "shuffled" else train_p
         if row.joint:
-            train = {"instruction": sqa_examples(tok, train_p, False, "instruction"),
-                     "vqa": [e for e in sqa_examples(tok, train_p, True, "vqa") if e.image is not None]}
+            train = {"instruction": sqa_examples(tok, train_p, False, "instruction", args.answer_form),
+                     "vqa": [e for e in sqa_examples(tok, train_p, True, "vqa", args.answer_form)
+                             if e.image is not None]}
         else:
-            train = {"vqa": sqa_examples(tok, train_p, row.images, "vqa")}
+            train = {"vqa": sqa_examples(tok, train_p, row.images, "vqa", args.answer_form)}
         out.update(train_row(row, model, tok, train, args, out_dir))
     t0 = time.perf_counter()
-    res = evaluate_scienceqa(model, tok, val, mode="ranked", template="plain", images=row.images)
+    res = evaluate_scienceqa(model, tok, val, mode="ranked", template="plain", images=row.images,
+                             answer_form=args.answer_form)
     out.update({"eval_seconds": round(time.perf_counter() - t0, 1), "val_problems": len(val),
                 "accuracy": res.summary(), "two_choice_b": two_choice_b(val, res.predictions),
                 "correct": [r["correct"] for r in res.predictions]})
     t0 = time.perf_counter()
-    circ = evaluate_scienceqa(model, tok, val, mode="ranked", template="plain", images=row.images, circular=True)
+    circ = evaluate_scienceqa(model, tok, val, mode="ranked", template="plain", images=row.images, circular=True,
+                              answer_form=args.answer_form)
     out.update({"circular_eval_seconds": round(time.perf_counter() - t0, 1), "circular": circ.summary()})
     return out
 
@@ -282,7 +288,7 @@ def run_child(part: str, row: Row, args) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--part", part, "--row", row.name, "--child-out", path,
            "--steps", str(args.steps if part == "sqa" else args.alpaca_steps), "--batch", str(args.batch),
            "--val-limit", str(args.val_limit), "--nll-records", str(args.nll_records), "--threads", str(args.threads),
-           "--option-order", args.option_order]
+           "--option-order", args.option_order, "--answer-form", args.answer_form]
     print(f"[{part}] {row.name} ...", flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     result = json.loads(Path(path).read_text())
@@ -321,7 +327,8 @@ def sqa_table(sqa: list[dict], tests: list[tuple[str, str, Any]], args) -> list[
     head = ("| method | overall | p vs zero-shot | circular | " + " | ".join(GROUPS)
             + " | (B) chosen, 2 choices | trainable params | train s | tokens/s | peak RSS MB |")
     lines = [f"ScienceQA dev protocol, SmolLM2-135M, {args.steps} steps x batch {args.batch} per trained row, "
-             f"training problems' choices {args.option_order} (ranked-choice accuracy, %, on "
+             f"training problems' choices {args.option_order}, answers by {args.answer_form} (ranked-choice "
+             f"accuracy, %, on "
              f"{sqa[0]['val_problems']} validation problems; \"circular\": right only when every rotation of the "
              f"choices is answered right; \"(B) chosen\": how often the model picks (B) on the "
              f"two-choice ones, where it is the answer {pct(sqa[0].get('two_choice_b', {}).get('answer'))}% of the "
@@ -387,6 +394,9 @@ def main() -> None:
     ap.add_argument("--nll-records", type=int, default=100)
     ap.add_argument("--option-order", choices=("shuffled", "original"), default="shuffled",
                     help="training problems' choices: shuffled per pid (removes the answer-position prior) or as given")
+    ap.add_argument("--answer-form", choices=("letter", "choice"), default="letter",
+                    help='answers name the choice by letter ("The answer is B.", the papers\') or by its text, in '
+                         "training and in ranked scoring")
     ap.add_argument("--threads", type=int, default=bench_threads())
     ap.add_argument("--rows", default="", help="row names to run, separated by ; (default: all)")
     ap.add_argument("--name", default="compare_methods")
@@ -409,7 +419,8 @@ def main() -> None:
     figures = {"scienceqa": sqa, "paired_tests": [{"a": a, "b": b, **dataclasses.asdict(t)} for a, b, t in tests],
                "alpaca": alpaca, "steps": args.steps,
                "alpaca_steps": args.alpaca_steps, "batch_size": args.batch, "val_limit": args.val_limit,
-               "option_order": args.option_order, "total_seconds": round(time.perf_counter() - t0)}
+               "option_order": args.option_order, "answer_form": args.answer_form,
+               "total_seconds": round(time.perf_counter() - t0)}
     md = markdown(sqa, tests, alpaca, args)
     write_results(args.name, figures, md, machine_info(("transformers", "peft")))
     if sqa:

@@ -17,6 +17,8 @@ from llama_adapter.cli import main
 from llama_adapter.data.multimodal import encode_conversation, prompt_ids, read_llava
 from llama_adapter.data.tokenize import IGNORE
 from llama_adapter.eval.scienceqa import (
+    ANSWER_INSTRUCTION,
+    CHOICE_INSTRUCTION,
     GROUPS,
     Problem,
     choice_logprobs,
@@ -193,6 +195,14 @@ def test_prompt_and_targets(tmp_path):
     assert target_text(make(solution="It is blue."), "explain") == "The answer is B. BECAUSE: It is blue."
     with pytest.raises(ValueError, match="unknown target format"):
         target_text(p, "cot")
+    # the choice form names the choice's text, and its default instruction asks for that
+    assert target_text(p, answer_form="choice") == "The answer is blue."
+    assert target_text(make(solution="It is blue."), "explain", "choice") == "The answer is blue. BECAUSE: It is blue."
+    assert question_text(p, answer_form="choice").endswith("(C) green\n" + CHOICE_INSTRUCTION)
+    assert question_text(p).endswith("(C) green\n" + ANSWER_INSTRUCTION)
+    assert question_text(p, instruction=None, answer_form="choice").endswith("(C) green")
+    with pytest.raises(ValueError, match="unknown answer form 'word'"):
+        target_text(p, answer_form="word")
     # experts go into the context; a problem whose image file is missing gets precomputed texts by pid
     (tmp_path / "caps.json").write_text(json.dumps({"captions": {"5": "a blue sky"}}))
     caps = PrecomputedExpert(tmp_path / "caps.json")
@@ -216,6 +226,10 @@ def test_conversations_and_llava_file_round_trip(shared, hf_tokenizer, tmp_path)
     back = read_llava(tmp_path / "train.json", image_root=shared[1])
     assert n == len(back) == 5
     assert [(b.image, b.turns) for b in back] == [(c.image, c.turns) for c in convs]
+    # the choice form: the same problems, answered by the choice's text
+    words = scienceqa_conversations(ps, answer_form="choice")
+    assert [w.turns[0][1] for w in words] == [f"The answer is {p.choices[p.answer]}." for p in ps]
+    assert all(w.turns[0][0].endswith(CHOICE_INSTRUCTION) for w in words)
 
 
 def test_cli_writes_the_protocol_training_file_with_shuffled_choices(shared, tmp_path, capsys):
@@ -231,6 +245,9 @@ def test_cli_writes_the_protocol_training_file_with_shuffled_choices(shared, tmp
                                                                          missing_images="text")))
     assert [b.turns for b in read_llava(out, image_root=shared[1])] == [c.turns for c in original] != \
         [c.turns for c in scienceqa_conversations(problems)]
+    assert main([*args, "--out", str(out), "--answer-form", "choice"]) == 0
+    assert [b.turns for b in read_llava(out, image_root=shared[1])] == \
+        [c.turns for c in scienceqa_conversations(problems, answer_form="choice")]
 
 
 @pytest.mark.parametrize("reply,index", [
@@ -300,6 +317,15 @@ def test_ranked_scores_equal_direct_log_probs(tiny, shared, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert [x["pid"] for x in rows] == [p.pid for p in ps] and set(rows[0]) >= {"pid", "prediction", "letter",
                                                                                  "reply", "correct", "groups"}
+    # the choice form ranks "The answer is <choice>." under its own instruction
+    r = evaluate_scienceqa(model, tok, ps, mode="ranked", batch_size=2, answer_form="choice")
+    for p, row in zip(ps, r.predictions):
+        q = question_text(p, answer_form="choice")
+        want = [direct_logprob(model, tok, q, f"The answer is {c}.") for c in p.choices]
+        np.testing.assert_allclose(row["logprobs"], want, rtol=1e-4, atol=1e-4)
+        assert row["prediction"] == int(np.argmax(want))
+        assert row["reply"] == f"The answer is {p.choices[row['prediction']]}."
+    assert r.summary()["answer_form"] == "choice"
 
 
 def test_circular_evaluation_needs_every_rotation_right(tiny, shared):
@@ -387,6 +413,13 @@ def test_cli_end_to_end(tmp_path, shared, capsys):
     circ = evaluate_scienceqa(model, tok, ps, mode="ranked", circular=True)
     assert [json.loads(line)["circular_picks"] for line in out.read_text().splitlines()] == [
         r["circular_picks"] for r in circ.predictions]
+    assert main([*args, "--protocol", "dev-val", "--mode", "ranked", "--answer-form", "choice", "--out", str(out)]) == 0
+    assert "ScienceQA (ranked, choice answers): 3 problems" in capsys.readouterr().out
+    words = evaluate_scienceqa(model, tok, ps, mode="ranked", answer_form="choice")
+    got = [json.loads(line)["logprobs"] for line in out.read_text().splitlines()]
+    for g, w, letter in zip(got, words.predictions, want.predictions):
+        np.testing.assert_allclose(g, w["logprobs"], rtol=1e-5)
+        assert not np.allclose(g, letter["logprobs"])
     assert main([*args, "--split", "dev", "--limit", "2", "--max-new-tokens", "3"]) == 0
     assert "ScienceQA (generate): 2 problems" in capsys.readouterr().out
     assert main([*args[:-4], "--device", "cpu"]) == 2  # train problem 1's image is missing

@@ -193,7 +193,8 @@ def cmd_data(a: argparse.Namespace) -> int:
         order = a.option_order or ("shuffled" if a.protocol == "dev-train" else "original")
         if order == "shuffled":
             problems = shuffle_choices(problems, a.seed)
-        n = scienceqa_to_llava(problems, a.out, fmt=a.format, experts=a.expert, image_root=a.images)
+        n = scienceqa_to_llava(problems, a.out, fmt=a.format, experts=a.expert, image_root=a.images,
+                               answer_form=a.answer_form)
         print(f"wrote {n} problems to {a.out} (choices {order}; format: llava, image_root: {a.images})")
         return 0
     from llama_adapter.data.synth import summary_dict, synthesize
@@ -230,7 +231,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     template = a.template or ("chat" if tok.has_chat_template else "plain")
     result = evaluate_scienceqa(model, tok, problems, mode=a.mode, template=template, experts=a.expert,
                                 batch_size=a.batch_size, image_placeholder=a.image_placeholder,
-                                max_new_tokens=a.max_new_tokens, circular=a.circular)
+                                max_new_tokens=a.max_new_tokens, circular=a.circular, answer_form=a.answer_form)
     print(format_result(result))
     if a.out:
         write_predictions(result, a.out)
@@ -253,11 +254,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def add_scienceqa_args(p: argparse.ArgumentParser) -> None:
-    """Which ScienceQA problems: shared by `eval scienceqa` and `data scienceqa`."""
+    """Which ScienceQA problems, and how their answers are worded: shared by `eval scienceqa` and `data scienceqa`."""
     p.add_argument("--problems", required=True, help="problems.json (official or shared layout)")
     p.add_argument("--images", default=None, help="the images folder (images/<pid>/ or images/<split>/<pid>/); "
                                                   "without it the problems are given as text only")
     p.add_argument("--split", default=None, help="keep one split (e.g. dev, test, val)")
+    p.add_argument("--answer-form", choices=("letter", "choice"), default="letter",
+                   help='how the answer names the choice: "The answer is B." (the papers\') or "The answer is '
+                        '<choice text>." (easier for small models); use the same form for training and evaluation')
     p.add_argument("--protocol", choices=("dev-val", "dev-train"), default=None,
                    help="the development protocol's validation or training problems")
     p.add_argument("--missing-images", choices=("error", "text"), default=None,

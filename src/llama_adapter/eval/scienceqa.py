@@ -13,6 +13,8 @@ int(pid) % 4 == 2. The other half of the official test split is never tuned on.
 Prompt (the layout of LLaMA-Adapter / LaVIN / MM-CoT): "Question: ...\\nContext: ...\\nOptions: (A) x (B) y\\n"
 then an instruction line; the context is the hint ("N/A" when empty), with expert texts (captions, OCR)
 appended. Target: "The answer is X." or, with fmt="explain", "The answer is X. BECAUSE: <lecture> <solution>".
+With answer_form="choice" the answer names the choice's text instead of its letter ("The answer is blue."), with
+an instruction line that asks for that.
 
 An answer that cannot be parsed is wrong and counted as unparsed: there is never a random guess.
 """
@@ -44,6 +46,9 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GROUPS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 SUBJECT_GROUPS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
 ANSWER_INSTRUCTION = 'Answer with "The answer is X." where X is the letter of the correct option.'
+CHOICE_INSTRUCTION = 'Answer with "The answer is" followed by the text of the correct option.'
+ANSWER_FORMS = {"letter": ANSWER_INSTRUCTION, "choice": CHOICE_INSTRUCTION}  # form -> its instruction line
+FORM_INSTRUCTION = "<the answer form's instruction>"  # default `instruction`: the line of ANSWER_FORMS
 FORMATS = ("answer", "explain")
 MODES = ("generate", "ranked")
 MISSING_IMAGES = ("error", "text")
@@ -227,6 +232,21 @@ def answer_text(letter: str) -> str:
     return f"The answer is {letter}."
 
 
+def check_answer_form(answer_form: str) -> str:
+    if answer_form not in ANSWER_FORMS:
+        raise ValueError(f"unknown answer form {answer_form!r}; choose one of {', '.join(ANSWER_FORMS)}")
+    return answer_form
+
+
+def choice_answer(p: Problem, k: int, answer_form: str = "letter") -> str:
+    """The answer naming choice k: "The answer is B." (form "letter", the papers') or "The answer is blue."
+    (form "choice": the choice's own text, which a small model can score by content without binding it to a
+    letter)."""
+    if check_answer_form(answer_form) == "letter":
+        return answer_text(LETTERS[k])
+    return answer_text(p.choices[k].strip().rstrip("."))
+
+
 def _experts(experts: Sequence[Expert | str]) -> list[Expert]:
     return [load_expert(e) if isinstance(e, str) else e for e in experts]
 
@@ -242,20 +262,24 @@ def expert_texts(p: Problem, experts: Sequence[Expert]) -> list[str]:
     return [e.describe(ref) for e in experts if isinstance(e, PrecomputedExpert)]
 
 
-def question_text(p: Problem, experts: Sequence[Expert] = (), instruction: str | None = ANSWER_INSTRUCTION) -> str:
-    """The human turn: question, context (hint plus expert texts; "N/A" when empty), options, instruction."""
+def question_text(p: Problem, experts: Sequence[Expert] = (), instruction: str | None = FORM_INSTRUCTION,
+                  answer_form: str = "letter") -> str:
+    """The human turn: question, context (hint plus expert texts; "N/A" when empty), options, instruction (by
+    default the answer form's; None: no instruction line)."""
+    if instruction == FORM_INSTRUCTION:
+        instruction = ANSWER_FORMS[check_answer_form(answer_form)]
     context = with_context(p.hint, expert_texts(p, experts))
     text = f"Question: {p.question.strip()}\nContext: {context or 'N/A'}\nOptions: {options_text(p.choices)}"
     return f"{text}\n{instruction}" if instruction else text
 
 
-def target_text(p: Problem, fmt: str = "answer") -> str:
+def target_text(p: Problem, fmt: str = "answer", answer_form: str = "letter") -> str:
     """"The answer is X." (fmt "answer") or "The answer is X. BECAUSE: <lecture> <solution>" (fmt "explain").
     With "explain", a problem whose lecture and solution are both null falls back to the answer only (the shared
     copy has none); one that has only one of them uses that one."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown target format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    answer = answer_text(p.answer_letter)
+    answer = choice_answer(p, p.answer, answer_form)
     if fmt == "answer":
         return answer
     why = " ".join(t.strip() for t in (p.lecture, p.solution) if t and t.strip())
@@ -263,23 +287,25 @@ def target_text(p: Problem, fmt: str = "answer") -> str:
 
 
 def scienceqa_conversations(problems: Iterable[Problem], fmt: str = "answer", experts: Sequence[Expert | str] = (),
-                            instruction: str | None = ANSWER_INSTRUCTION) -> list[Conversation]:
+                            instruction: str | None = FORM_INSTRUCTION,
+                            answer_form: str = "letter") -> list[Conversation]:
     """One single-turn Conversation per problem (image path or None), for `encode_conversation` and the trainer."""
     ex = _experts(experts)
-    return [Conversation(p.image, [(question_text(p, ex, instruction), target_text(p, fmt))], f"scienceqa#{p.pid}",
+    return [Conversation(p.image, [(question_text(p, ex, instruction, answer_form), target_text(p, fmt, answer_form))],
+                         f"scienceqa#{p.pid}",
                          {"id": p.pid, "answer": p.answer_letter, "subject": p.subject, "grade": p.grade}, False)
             for p in problems]
 
 
 def scienceqa_to_llava(problems: Iterable[Problem], out_json: str | Path, fmt: str = "answer",
-                       experts: Sequence[Expert | str] = (), instruction: str | None = ANSWER_INSTRUCTION,
-                       image_root: str | Path | None = None) -> int:
+                       experts: Sequence[Expert | str] = (), instruction: str | None = FORM_INSTRUCTION,
+                       image_root: str | Path | None = None, answer_form: str = "letter") -> int:
     """Write LLaVA-style records {"id", "image" (omitted when none), "conversations"} for recipes with
     `format: llava`; image paths are relative to `image_root` (give the recipe the same `data.image_root`),
     else absolute. Returns the number of records."""
     root = Path(image_root).resolve() if image_root is not None else None
     records = []
-    for conv in scienceqa_conversations(problems, fmt, experts, instruction):
+    for conv in scienceqa_conversations(problems, fmt, experts, instruction, answer_form):
         (human, gpt), = conv.turns
         rec: dict[str, Any] = {"id": conv.meta["id"]}
         if conv.image is not None:
@@ -363,10 +389,12 @@ class ScienceQAResult:
     counts: dict[str, int] = field(default_factory=dict)  # problems per group
     mode: str = "generate"
     circular: bool = False  # a problem is right only when every rotation of its choices is answered right
+    answer_form: str = "letter"
 
     def summary(self) -> dict[str, Any]:
         return {"n": self.n, "accuracy": self.accuracy, "unparsed": self.unparsed, "mode": self.mode,
-                "circular": self.circular, "groups": self.groups, "counts": self.counts}
+                "circular": self.circular, "answer_form": self.answer_form, "groups": self.groups,
+                "counts": self.counts}
 
 
 def score(problems: Sequence[Problem], predictions: Sequence[int | None], replies: Sequence[str],
@@ -453,11 +481,12 @@ def _shared_prompt_logprobs(model: LlamaLM, tok: Tokenizer, rows: Sequence[Seque
 
 def choice_logprobs(model: LlamaLM, tok: Tokenizer, problems: Sequence[Problem], template: str = "chat",
                     experts: Sequence[Expert | str] = (), batch_size: int = 8, image_placeholder: str = "",
-                    instruction: str | None = ANSWER_INSTRUCTION, images: bool | None = None,
+                    instruction: str | None = FORM_INSTRUCTION, images: bool | None = None,
                     answers: Callable[[Problem], Sequence[str]] | None = None,
-                    shared_prompt: bool | None = None) -> list[list[float]]:
-    """Per problem, per choice: log p("The answer is X." | prompt), summed over the answer's tokens; `answers`
-    gives other per-choice answer texts to score (such as the choices' own texts). With `shared_prompt` (the
+                    shared_prompt: bool | None = None, answer_form: str = "letter") -> list[list[float]]:
+    """Per problem, per choice: log p(answer | prompt), summed over the answer's tokens, the answer being
+    `choice_answer` in `answer_form` ("The answer is X." or "The answer is <choice>."); `answers` gives other
+    per-choice answer texts to score. With `shared_prompt` (the
     default for models with a KV cache) a prompt runs once for all its choices (`continuation_logprobs`, 2.2x
     faster on ScienceQA); otherwise each choice is a full sequence in the training layout, which any
     model the trainer drives can score. Problems are batched in order of prompt length, so that a batch pads
@@ -468,8 +497,8 @@ def choice_logprobs(model: LlamaLM, tok: Tokenizer, problems: Sequence[Problem],
     model.eval()
     rows: list[list[MultimodalExample]] = []
     for p in problems:
-        q = question_text(p, ex, instruction)
-        texts = answers(p) if answers else [answer_text(LETTERS[k]) for k in range(len(p.choices))]
+        q = question_text(p, ex, instruction, answer_form)
+        texts = answers(p) if answers else [choice_answer(p, k, answer_form) for k in range(len(p.choices))]
         rows.append([_answer_example(tok, q, a, p.image, template, image_placeholder, f"scienceqa#{p.pid}/{LETTERS[k]}",
                                      use_images) for k, a in enumerate(texts)])
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0].input_ids))
@@ -492,10 +521,12 @@ def choice_logprobs(model: LlamaLM, tok: Tokenizer, problems: Sequence[Problem],
 
 def evaluate_scienceqa(model: LlamaLM, tok: Tokenizer, problems: Sequence[Problem], mode: str = "generate",
                        template: str = "chat", experts: Sequence[Expert | str] = (), batch_size: int = 8,
-                       image_placeholder: str = "", instruction: str | None = ANSWER_INSTRUCTION,
-                       max_new_tokens: int = 16, images: bool | None = None, circular: bool = False) -> ScienceQAResult:
+                       image_placeholder: str = "", instruction: str | None = FORM_INSTRUCTION,
+                       max_new_tokens: int = 16, images: bool | None = None, circular: bool = False,
+                       answer_form: str = "letter") -> ScienceQAResult:
     """Accuracy on `problems`. mode "generate": greedy replies, parsed by `parse_answer` (unparsable = wrong);
-    "ranked": the choice whose "The answer is X." the model finds most likely. `images`: pass the images to the
+    "ranked": the choice whose answer the model finds most likely, the answer naming the choice by letter
+    ("The answer is X.", `answer_form` "letter") or by its text ("choice"). `images`: pass the images to the
     model (default: when the attached method takes images). The prompt is laid out by `prompt_ids` with
     `template` ("chat" or "plain"), as the same conversations are laid out in training.
 
@@ -509,21 +540,22 @@ def evaluate_scienceqa(model: LlamaLM, tok: Tokenizer, problems: Sequence[Proble
     if not problems:
         raise ValueError("no ScienceQA problems to evaluate")
     ex = _experts(experts)
+    check_answer_form(answer_form)
     use_images = sees_images(model) if images is None else images
     model.eval()
     asked = [rotate_choices(p, k) for p in problems for k in range(len(p.choices))] if circular else problems
     if mode == "ranked":
         scores = choice_logprobs(model, tok, asked, template, ex, batch_size, image_placeholder, instruction,
-                                 use_images)
+                                 use_images, answer_form=answer_form)
         preds: list[int | None] = [max(range(len(s)), key=s.__getitem__) for s in scores]
-        replies = [answer_text(LETTERS[k]) for k in preds if k is not None]  # never None when ranked
+        replies = [choice_answer(p, k, answer_form) for p, k in zip(asked, preds) if k is not None]  # never None
         extra = [{"logprobs": s} for s in scores]
     else:
         preds, replies = _generated_answers(model, tok, asked, template, ex, batch_size, image_placeholder,
-                                            instruction, max_new_tokens, use_images)
+                                            instruction, max_new_tokens, use_images, answer_form)
         extra = [{} for _ in asked]
     if not circular:
-        return score(problems, preds, replies, mode, extra)
+        return replace(score(problems, preds, replies, mode, extra), answer_form=answer_form)
     rows, correct, first, at = [], [], [], 0
     for p in problems:
         n = len(p.choices)
@@ -532,12 +564,14 @@ def evaluate_scienceqa(model: LlamaLM, tok: Tokenizer, problems: Sequence[Proble
         correct.append(all(pick == p.answer for pick in picks))
         first.append(at)
         at += n
-    return score(problems, [preds[i] for i in first], [replies[i] for i in first], mode, rows, correct)
+    result = score(problems, [preds[i] for i in first], [replies[i] for i in first], mode, rows, correct)
+    return replace(result, answer_form=answer_form)
 
 
 def _generated_answers(model: LlamaLM, tok: Tokenizer, problems: Sequence[Problem], template: str,
                        experts: Sequence[Expert], batch_size: int, image_placeholder: str, instruction: str | None,
-                       max_new_tokens: int, use_images: bool) -> tuple[list[int | None], list[str]]:
+                       max_new_tokens: int, use_images: bool,
+                       answer_form: str) -> tuple[list[int | None], list[str]]:
     """Greedy replies and the choices they name (None: unparsable)."""
     stop = ("\n### Human:",) if template == "plain" else ()
     sampling = Sampling(max_new_tokens=max_new_tokens, stop=stop)
@@ -545,7 +579,7 @@ def _generated_answers(model: LlamaLM, tok: Tokenizer, problems: Sequence[Proble
     with torch.no_grad():
         for i in range(0, len(problems), batch_size):
             chunk = problems[i: i + batch_size]
-            ids = [prompt_ids(tok, question_text(p, experts, instruction), template, image_placeholder,
+            ids = [prompt_ids(tok, question_text(p, experts, instruction, answer_form), template, image_placeholder,
                               p.image is not None) for p in chunk]
             imgs = [p.image for p in chunk] if use_images else None
             replies += complete_ids(model, tok, ids, sampling, imgs)
@@ -557,7 +591,8 @@ def format_result(result: ScienceQAResult) -> str:
     def pct(v: float | None) -> str:
         return "  n/a" if v is None else f"{100 * v:5.2f}"
 
-    how = f"{result.mode}, circular" if result.circular else result.mode
+    how = ", ".join([result.mode] + ["circular"] * result.circular
+                    + ["choice answers"] * (result.answer_form == "choice"))
     lines = [f"ScienceQA ({how}): {result.n} problems, accuracy {pct(result.accuracy)}%, "
              f"unparsed {result.unparsed}"]
     lines.append("  ".join(f"{g:>6}" for g in GROUPS))
