@@ -110,7 +110,10 @@ SQA_ROWS = [
 # Run only when named in --rows: V1 with PEFT's gate (one scalar per layer, no tanh), to see whether the gate
 # explains a difference between V1 and PEFT's AdaptionPrompt.
 V1_SCALAR_GATE = from_recipe("V1 (scalar gate)", "v1_smollm2_alpaca_cpu.yaml", gate="scalar")
-DIAGNOSTIC_ROWS = [V1_SCALAR_GATE]
+# And V1 multimodal's recipe without its encoder (V1 at that recipe's learning rate), the exact text-only twin for
+# the IMG comparison.
+V1MM_TEXT = from_recipe("V1 multimodal (no images)", "v1mm_smollm2_synth_cpu.yaml", vision=None)
+DIAGNOSTIC_ROWS = [V1_SCALAR_GATE, V1MM_TEXT]
 ALPACA_ROWS = [ZERO_SHOT, V1, dataclasses.replace(V2_TEXT, name="V2"),
                dataclasses.replace(LAVIN_TEXT, name="LaVIN (text-only path)"), PEFT_ADAPTION_PROMPT, PEFT_LORA]
 
