@@ -10,7 +10,9 @@ text alone. Accuracy is ranked-choice (the option whose "The answer is X." is mo
 because a 135M model formats poorly; with --answer-form choice the answers name the choice's
 text ("The answer is blue.") in training and scoring instead of its letter. V2 with images
 alternates text-only steps (its instruction group) with image steps (its visual group) on the
-same problems, as its joint training does.
+same problems, as its joint training does. With --experts, the rows with images also get the experts' texts about
+the image (ScienceQA's captions.json and ocrs.json) in the context, as V2 reads images through experts; the
+diagnostic rows "zero-shot (expert texts)" and "V2 (expert texts, no images)" get the texts alone.
 Each of our rows takes the method options and learning rate of its committed CPU recipe
 (recipes/*_cpu.yaml); PEFT's AdaptionPrompt takes V1's learning rate, being the same method.
 
@@ -27,7 +29,7 @@ PEFT's AdaptionPrompt and V2 against LoRA, are tested with McNemar's exact test 
 
     python bench/compare_methods.py [--steps 60] [--val-limit 300] [--alpaca-steps 60] [--nll-records 100]
         [--option-order shuffled|original] [--answer-form letter|choice] [--rows "V1;PEFT LoRA r8 q,v"]
-        [--tables sqa,alpaca] [--name N]
+        [--tables sqa,alpaca] [--experts 'precomputed:CAPTIONS.json;precomputed:OCRS.json'] [--name N]
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from common import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 ALPACA = SHARED / "alpaca"
+SQA_CAPTIONS, SQA_OCRS = SHARED / "scienceqa" / "captions.json", SHARED / "scienceqa" / "ocrs.json"
 GROUPS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 
 
@@ -71,6 +74,12 @@ class Row:
     lr: float | None = None  # None: not trained (zero-shot)
     images: bool = False  # train and evaluate with the problems' images
     joint: bool = False  # V2 joint training: text steps (instruction group) and image steps (visual group)
+    expert_texts: bool = False  # the --experts texts about the image in the context, without the image itself
+
+    def uses_experts(self) -> bool:
+        """Whether the --experts texts enter this row's prompts: with the image (an image reaches the model through
+        its encoder and through the experts, as V2 is specified) or, for a diagnostic row, instead of it."""
+        return self.images or self.expert_texts
 
 
 @functools.cache
@@ -113,7 +122,10 @@ V1_SCALAR_GATE = from_recipe("V1 (scalar gate)", "v1_smollm2_alpaca_cpu.yaml", g
 # And V1 multimodal's recipe without its encoder (V1 at that recipe's learning rate), the exact text-only twin for
 # the IMG comparison.
 V1MM_TEXT = from_recipe("V1 multimodal (no images)", "v1mm_smollm2_synth_cpu.yaml", vision=None)
-DIAGNOSTIC_ROWS = [V1_SCALAR_GATE, V1MM_TEXT]
+# With --experts: what the expert texts give without any visual tokens, untrained and with V2's training.
+ZERO_SHOT_EXPERTS = Row("zero-shot (expert texts)", "none", expert_texts=True)
+V2_EXPERT_TEXTS = dataclasses.replace(V2_TEXT, name="V2 (expert texts, no images)", expert_texts=True)
+DIAGNOSTIC_ROWS = [V1_SCALAR_GATE, V1MM_TEXT, ZERO_SHOT_EXPERTS, V2_EXPERT_TEXTS]
 ALPACA_ROWS = [ZERO_SHOT, V1, dataclasses.replace(V2_TEXT, name="V2"),
                dataclasses.replace(LAVIN_TEXT, name="LaVIN (text-only path)"), PEFT_ADAPTION_PROMPT, PEFT_LORA]
 
@@ -188,14 +200,14 @@ def row_header(row: Row, model) -> dict[str, Any]:
             "lr": row.lr if trained else None}
 
 
-def sqa_examples(tok, problems, images: bool, kind: str, answer_form: str):
+def sqa_examples(tok, problems, images: bool, kind: str, answer_form: str, experts: list):
     """The problems as training examples (plain template); the few whose prompt fills 512 tokens are left out."""
     from llama_adapter.data.multimodal import encode_conversation
     from llama_adapter.data.tokenize import PromptTooLong
     from llama_adapter.eval.scienceqa import scienceqa_conversations
 
     out = []
-    for c in scienceqa_conversations(problems, answer_form=answer_form):
+    for c in scienceqa_conversations(problems, experts=experts, answer_form=answer_form):
         try:
             out.append(encode_conversation(tok, c if images else dataclasses.replace(c, image=None), 512, "plain",
                                            kind=kind))
@@ -223,29 +235,38 @@ def run_sqa_row(row: Row, args, out_dir: Path) -> dict[str, Any]:
     from llama_adapter.eval.scienceqa import dev_protocol_train, evaluate_scienceqa, shuffle_choices
 
     problems, val = scienceqa_validation(args.val_limit)
+    experts = row_experts(row, args)
     model, tok = build(row)
     out = row_header(row, model)
     if row.impl != "none":
         train_p = dev_protocol_train(problems)
         train_p = shuffle_choices(train_p) if args.option_order == "shuffled" else train_p
         if row.joint:
-            train = {"instruction": sqa_examples(tok, train_p, False, "instruction", args.answer_form),
-                     "vqa": [e for e in sqa_examples(tok, train_p, True, "vqa", args.answer_form)
+            train = {"instruction": sqa_examples(tok, train_p, False, "instruction", args.answer_form, experts),
+                     "vqa": [e for e in sqa_examples(tok, train_p, True, "vqa", args.answer_form, experts)
                              if e.image is not None]}
         else:
-            train = {"vqa": sqa_examples(tok, train_p, row.images, "vqa", args.answer_form)}
+            train = {"vqa": sqa_examples(tok, train_p, row.images, "vqa", args.answer_form, experts)}
         out.update(train_row(row, model, tok, train, args, out_dir))
     t0 = time.perf_counter()
     res = evaluate_scienceqa(model, tok, val, mode="ranked", template="plain", images=row.images,
-                             answer_form=args.answer_form)
+                             experts=experts, answer_form=args.answer_form)
     out.update({"eval_seconds": round(time.perf_counter() - t0, 1), "val_problems": len(val),
                 "accuracy": res.summary(), "two_choice_b": two_choice_b(val, res.predictions),
                 "correct": [r["correct"] for r in res.predictions]})
     t0 = time.perf_counter()
     circ = evaluate_scienceqa(model, tok, val, mode="ranked", template="plain", images=row.images, circular=True,
-                              answer_form=args.answer_form)
+                              experts=experts, answer_form=args.answer_form)
     out.update({"circular_eval_seconds": round(time.perf_counter() - t0, 1), "circular": circ.summary()})
     return out
+
+
+def row_experts(row: Row, args) -> list:
+    """The experts whose texts enter this row's contexts (loaded once for training and evaluation)."""
+    from llama_adapter.experts import load_expert
+
+    specs = [s.strip() for s in args.experts.split(";") if s.strip()] if row.uses_experts() else []
+    return [load_expert(s) for s in specs]
 
 
 def two_choice_b(problems: list, predictions: list[dict]) -> dict[str, float]:
@@ -291,7 +312,7 @@ def run_child(part: str, row: Row, args) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--part", part, "--row", row.name, "--child-out", path,
            "--steps", str(args.steps if part == "sqa" else args.alpaca_steps), "--batch", str(args.batch),
            "--val-limit", str(args.val_limit), "--nll-records", str(args.nll_records), "--threads", str(args.threads),
-           "--option-order", args.option_order, "--answer-form", args.answer_form]
+           "--option-order", args.option_order, "--answer-form", args.answer_form, "--experts", args.experts]
     print(f"[{part}] {row.name} ...", flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     result = json.loads(Path(path).read_text())
@@ -335,7 +356,9 @@ def sqa_table(sqa: list[dict], tests: list[tuple[str, str, Any]], args) -> list[
              f"{sqa[0]['val_problems']} validation problems; \"circular\": right only when every rotation of the "
              f"choices is answered right; \"(B) chosen\": how often the model picks (B) on the "
              f"two-choice ones, where it is the answer {pct(sqa[0].get('two_choice_b', {}).get('answer'))}% of the "
-             f"time; \"p vs zero-shot\": McNemar's exact test on the same problems):", "", head,
+             f"time; \"p vs zero-shot\": McNemar's exact test on the same problems)"
+             + (f"; the experts' texts ({experts_named(args.experts)}) in the context of the rows with images and of "
+                f"the \"(expert texts)\" rows" if args.experts else "") + ":", "", head,
              "|" + "---|" * (len(GROUPS) + 9)]
     for r in sqa:
         acc = r["accuracy"]
@@ -348,6 +371,10 @@ def sqa_table(sqa: list[dict], tests: list[tuple[str, str, Any]], args) -> list[
                      + f" | {pct(b.get('predicted'))} | {cost_cells(r)} |")
     pair_lines = [t.format(a, b) for a, b, t in tests if b != ZERO_SHOT.name]
     return lines + ([""] + [f"- {line}" for line in pair_lines] if pair_lines else [])
+
+
+def experts_named(specs: str) -> str:
+    return ", ".join(Path(s.strip().partition(":")[2]).name or s.strip() for s in specs.split(";") if s.strip())
 
 
 def alpaca_table(alpaca: list[dict], args) -> list[str]:
@@ -400,6 +427,10 @@ def main() -> None:
     ap.add_argument("--answer-form", choices=("letter", "choice"), default="letter",
                     help='answers name the choice by letter ("The answer is B.", the papers\') or by its text, in '
                          "training and in ranked scoring")
+    ap.add_argument("--experts", default="", metavar="SPEC;SPEC",
+                    help="expert texts about each image (llama-adapter's --expert specs, separated by ;) in the "
+                         "context of the rows with images, in training and evaluation; ScienceQA's: "
+                         f"'precomputed:{SQA_CAPTIONS};precomputed:{SQA_OCRS}'")
     ap.add_argument("--threads", type=int, default=bench_threads())
     ap.add_argument("--rows", default="", help="row names to run, separated by ; (default: all)")
     ap.add_argument("--name", default="compare_methods")
@@ -422,7 +453,7 @@ def main() -> None:
     figures = {"scienceqa": sqa, "paired_tests": [{"a": a, "b": b, **dataclasses.asdict(t)} for a, b, t in tests],
                "alpaca": alpaca, "steps": args.steps,
                "alpaca_steps": args.alpaca_steps, "batch_size": args.batch, "val_limit": args.val_limit,
-               "option_order": args.option_order, "answer_form": args.answer_form,
+               "option_order": args.option_order, "answer_form": args.answer_form, "experts": args.experts,
                "total_seconds": round(time.perf_counter() - t0)}
     md = markdown(sqa, tests, alpaca, args)
     write_results(args.name, figures, md, machine_info(("transformers", "peft")))
