@@ -265,8 +265,12 @@ def row_experts(row: Row, args) -> list:
     """The experts whose texts enter this row's contexts (loaded once for training and evaluation)."""
     from llama_adapter.experts import load_expert
 
-    specs = [s.strip() for s in args.experts.split(";") if s.strip()] if row.uses_experts() else []
-    return [load_expert(s) for s in specs]
+    return [load_expert(s) for s in expert_specs(args.experts)] if row.uses_experts() else []
+
+
+def expert_specs(experts: str) -> list[str]:
+    """--experts as a list of specs ("precomputed:FILE", "ocr", ...)."""
+    return [s.strip() for s in experts.split(";") if s.strip()]
 
 
 def two_choice_b(problems: list, predictions: list[dict]) -> dict[str, float]:
@@ -373,8 +377,9 @@ def sqa_table(sqa: list[dict], tests: list[tuple[str, str, Any]], args) -> list[
     return lines + ([""] + [f"- {line}" for line in pair_lines] if pair_lines else [])
 
 
-def experts_named(specs: str) -> str:
-    return ", ".join(Path(s.strip().partition(":")[2]).name or s.strip() for s in specs.split(";") if s.strip())
+def experts_named(experts: str) -> str:
+    """The experts for the table's caption: file names, or the spec when it names no file."""
+    return ", ".join(Path(s.partition(":")[2]).name or s for s in expert_specs(experts))
 
 
 def alpaca_table(alpaca: list[dict], args) -> list[str]:
