@@ -12,7 +12,8 @@ text ("The answer is blue.") in training and scoring instead of its letter. V2 w
 alternates text-only steps (its instruction group) with image steps (its visual group) on the
 same problems, as its joint training does. With --experts, the rows with images also get the experts' texts about
 the image (ScienceQA's captions.json and ocrs.json) in the context, as V2 reads images through experts; the
-diagnostic rows "zero-shot (expert texts)" and "V2 (expert texts, no images)" get the texts alone.
+diagnostic rows "zero-shot (expert texts)", "V2 (expert texts, no images)" and "LaVIN (expert texts, no images)"
+get the texts alone.
 Each of our rows takes the method options and learning rate of its committed CPU recipe
 (recipes/*_cpu.yaml); PEFT's AdaptionPrompt takes V1's learning rate, being the same method.
 
@@ -122,10 +123,11 @@ V1_SCALAR_GATE = from_recipe("V1 (scalar gate)", "v1_smollm2_alpaca_cpu.yaml", g
 # And V1 multimodal's recipe without its encoder (V1 at that recipe's learning rate), the exact text-only twin for
 # the IMG comparison.
 V1MM_TEXT = from_recipe("V1 multimodal (no images)", "v1mm_smollm2_synth_cpu.yaml", vision=None)
-# With --experts: what the expert texts give without any visual tokens, untrained and with V2's training.
+# With --experts: what the expert texts give without any visual tokens, untrained and with V2's or LaVIN's training.
 ZERO_SHOT_EXPERTS = Row("zero-shot (expert texts)", "none", expert_texts=True)
-V2_EXPERT_TEXTS = dataclasses.replace(V2_TEXT, name="V2 (expert texts, no images)", expert_texts=True)
-DIAGNOSTIC_ROWS = [V1_SCALAR_GATE, V1MM_TEXT, ZERO_SHOT_EXPERTS, V2_EXPERT_TEXTS]
+EXPERT_TEXT_ROWS = [dataclasses.replace(r, name=r.name.replace("(no images)", "(expert texts, no images)"),
+                                        expert_texts=True) for r in (V2_TEXT, LAVIN_TEXT)]
+DIAGNOSTIC_ROWS = [V1_SCALAR_GATE, V1MM_TEXT, ZERO_SHOT_EXPERTS, *EXPERT_TEXT_ROWS]
 ALPACA_ROWS = [ZERO_SHOT, V1, dataclasses.replace(V2_TEXT, name="V2"),
                dataclasses.replace(LAVIN_TEXT, name="LaVIN (text-only path)"), PEFT_ADAPTION_PROMPT, PEFT_LORA]
 
