@@ -267,12 +267,12 @@ def row_experts(row: Row, args) -> list:
     """The experts whose texts enter this row's contexts (loaded once for training and evaluation)."""
     from llama_adapter.experts import load_expert
 
-    return [load_expert(s) for s in expert_specs(args.experts)] if row.uses_experts() else []
+    return [load_expert(s) for s in semicolon_list(args.experts)] if row.uses_experts() else []
 
 
-def expert_specs(experts: str) -> list[str]:
-    """--experts as a list of specs ("precomputed:FILE", "ocr", ...)."""
-    return [s.strip() for s in experts.split(";") if s.strip()]
+def semicolon_list(text: str) -> list[str]:
+    """An option's ;-separated items (--rows, --experts), stripped, empty ones dropped."""
+    return [s.strip() for s in text.split(";") if s.strip()]
 
 
 def two_choice_b(problems: list, predictions: list[dict]) -> dict[str, float]:
@@ -381,7 +381,7 @@ def sqa_table(sqa: list[dict], tests: list[tuple[str, str, Any]], args) -> list[
 
 def experts_named(experts: str) -> str:
     """The experts for the table's caption: file names, or the spec when it names no file."""
-    return ", ".join(Path(s.partition(":")[2]).name or s for s in expert_specs(experts))
+    return ", ".join(Path(s.partition(":")[2]).name or s for s in semicolon_list(experts))
 
 
 def alpaca_table(alpaca: list[dict], args) -> list[str]:
@@ -448,7 +448,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.part:
         return child(args)
-    wanted = {s.strip() for s in args.rows.split(";") if s.strip()}
+    wanted = set(semicolon_list(args.rows))
     t0 = time.perf_counter()
     tables = {t.strip() for t in args.tables.split(",")}
     def chosen(rows: list[Row]) -> list[Row]:  # the diagnostic rows only when named
