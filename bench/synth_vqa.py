@@ -6,6 +6,9 @@ grey image instead (a model that really looks drops to chance on colour and shap
 Writes bench/results/<name>.{json,md}.
 
     python bench/synth_vqa.py --recipe recipes/v1mm_smollm2_synth_cpu.yaml --name v1mm_synth
+
+With `train.resume=true` (and the run's out_dir and max_steps) it scores a finished run again
+without training.
 """
 
 from __future__ import annotations
@@ -101,6 +104,9 @@ def main() -> None:
              + looked.by_type.get("shape", 0) * looked.counts.get("shape", 0))
             / max(looked.counts.get("colour", 0) + looked.counts.get("shape", 0), 1)),
         "examples": looked.predictions[:12], "recipe": recipe.to_dict(),
+        # per test question, in llava_test.json order, so that two runs pair (bench/pair_synth.py)
+        "question_types": [p["qtype"] for p in looked.predictions],
+        "correct_with_image": [p["correct"] for p in looked.predictions],
     }
     rows = ["| question type | n | with image | blank image | chance |", "|---|---|---|---|---|"]
     for q in looked.by_type:
@@ -108,8 +114,10 @@ def main() -> None:
                     f"{CHANCE.get(q, float('nan')):.0%} |")
     rows.append(f"| all | {sum(looked.counts.values())} | {looked.accuracy:.1%} | {blind.accuracy:.1%} | |")
     table = (f"{recipe.method['name']} ({', '.join(f'{k}={v}' for k, v in recipe.method.items() if k != 'name')}), "
-             f"{result.steps} steps, trained in {train_seconds / 60:.1f} min on this CPU; "
-             f"{la.count_trainable(model):,} trainable parameters."
+             + (f"{result.steps} steps, scored again from the finished run in {result.out_dir}; "
+                if result.start_step >= result.steps else
+                f"{result.steps} steps, trained in {train_seconds / 60:.1f} min on this CPU; ")
+             + f"{la.count_trainable(model):,} trainable parameters."
              + (f" Held-out Alpaca response NLL ({args.alpaca_nll} records): {nll:.3f}." if nll is not None else "")
              + (f" Routing (w0 per layer) differs between an image prompt and a text-only prompt by "
                 f"{routing['mean_abs_difference_of_w0']:.3f} on average." if routing else "")
