@@ -2,12 +2,12 @@
 
 A ceiling for the adapters on the synthetic set (bench/synth_vqa.py): a small transformer
 (3 layers, width 128, about 0.8M parameters) reads the standardised EfficientNet-Lite0 grid
-tokens (49 x 1752, with learned position embeddings) together with the question's words and
+tokens (49 x 1752, with learned or fixed position embeddings) together with the question's words and
 classifies the answer. Trained from scratch on the same training questions the adapters see,
 scored on the same test questions. Where this probe answers a type and the adapters do not,
 the information is in the frozen features and the gap lies in the adapter path.
 
-    python bench/grid_probe.py [--synth runs/synth-4k] [--epochs 10] [--name grid_probe]
+    python bench/grid_probe.py [--synth runs/synth-4k] [--epochs 10] [--fixed-cell-pos] [--name grid_probe]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from common import machine_info, write_results  # noqa: E402
 from llama_adapter.data.multimodal import read_llava  # noqa: E402
 from llama_adapter.model.load import cache_dir  # noqa: E402
 from llama_adapter.vision import FeatureCache, load_encoder  # noqa: E402
+from llama_adapter.vision.projectors import grid_position_embedding  # noqa: E402
 
 ENCODER = "efficientnet-lite0"
 
@@ -42,19 +43,29 @@ def questions(root: Path, split: str) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def grid_features(cache: FeatureCache, paths: list[str]) -> torch.Tensor:
-    """Grid tokens [len(paths), 49, C] through the shared feature cache."""
+def grid_features(cache: FeatureCache, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid tokens [images, 49, C] of the distinct images, the image row of each path).
+
+    One copy per image, not per question: a 16,000-image set has 60,000 questions, 20 GiB as copies.
+    """
     unique = sorted(set(paths))
-    tokens = torch.cat([cache.get(unique[i:i + 64]).tokens.float() for i in range(0, len(unique), 64)])
+    first = cache.get(unique[:1]).tokens
+    tokens = torch.empty(len(unique), *first.shape[1:])
+    for i in range(0, len(unique), 64):
+        chunk = cache.get(unique[i:i + 64]).tokens
+        tokens[i:i + len(chunk)] = chunk.float()
     row = {p: i for i, p in enumerate(unique)}
-    return tokens[[row[p] for p in paths]]
+    return tokens, torch.tensor([row[p] for p in paths])
 
 
 class GridProbe(nn.Module):
-    def __init__(self, token_dim: int, n_cells: int, vocab: int, q_len: int, n_answers: int, width: int = 128):
+    def __init__(self, token_dim: int, n_cells: int, vocab: int, q_len: int, n_answers: int, width: int = 128,
+                 fixed_cell_pos: bool = False):
         super().__init__()
         self.cell = nn.Sequential(nn.Linear(token_dim, width), nn.LayerNorm(width))
-        self.cell_pos = nn.Parameter(torch.randn(n_cells, width) * 0.02)
+        # learned, or the fixed 2-D sine-cosine code of the V2 query projector
+        self.cell_pos = (nn.Buffer(grid_position_embedding(n_cells, width)) if fixed_cell_pos
+                         else nn.Parameter(torch.randn(n_cells, width) * 0.02))
         self.word = nn.Embedding(vocab, width, padding_idx=0)
         self.word_pos = nn.Parameter(torch.randn(q_len + 1, width) * 0.02)
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
@@ -76,15 +87,21 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--name", default="grid_probe")
+    ap.add_argument("--fixed-cell-pos", action="store_true",
+                    help="the V2 projector's fixed 2-D sine-cosine cell code instead of a learned one")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
     root = Path(args.synth)
     train, test = questions(root, "train"), questions(root, "test")
     cache = FeatureCache(cache_dir() / "features", load_encoder(ENCODER).freeze())
-    x_train, x_test = grid_features(cache, [r[0] for r in train]), grid_features(cache, [r[0] for r in test])
-    mean, std = x_train.mean((0, 1)), x_train.std((0, 1)) + 1e-5
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    (x_train, img_train), (x_test, img_test) = (grid_features(cache, [r[0] for r in rows]) for rows in (train, test))
+    # statistics over training questions (an image counts once per question), as with per-question copies
+    weight = torch.bincount(img_train, minlength=len(x_train)).float() / (len(img_train) * x_train.shape[1])
+    mean = torch.einsum("i,ijc->c", weight, x_train)
+    std = torch.einsum("i,ijc->c", weight, (x_train - mean) ** 2).sqrt() + 1e-5
+    x_train.sub_(mean).div_(std)
+    x_test.sub_(mean).div_(std)
     vocab = {w: i + 1 for i, w in enumerate(sorted({w for r in train + test for w in r[1].split()}))}
     answers = {a: i for i, a in enumerate(sorted({r[2] for r in train + test}))}
     q_len = max(len(r[1].split()) for r in train + test)
@@ -95,7 +112,8 @@ def main() -> None:
                 torch.tensor([answers[r[2]] for r in rows]))
 
     (w_train, y_train), (w_test, y_test) = encode(train), encode(test)
-    probe = GridProbe(x_train.shape[-1], x_train.shape[1], len(vocab) + 1, q_len, len(answers))
+    probe = GridProbe(x_train.shape[-1], x_train.shape[1], len(vocab) + 1, q_len, len(answers),
+                      fixed_cell_pos=args.fixed_cell_pos)
     steps = args.epochs * (len(train) // args.batch)
     opt = torch.optim.AdamW(probe.parameters(), 1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps)
@@ -104,7 +122,7 @@ def main() -> None:
         order = torch.randperm(len(train))
         for i in range(0, len(order) - args.batch + 1, args.batch):
             b = order[i:i + args.batch]
-            loss = F.cross_entropy(probe(x_train[b], w_train[b]), y_train[b])
+            loss = F.cross_entropy(probe(x_train[img_train[b]], w_train[b]), y_train[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -113,7 +131,8 @@ def main() -> None:
     train_seconds = time.perf_counter() - t0
     probe.eval()
     with torch.no_grad():
-        pred = torch.cat([probe(x_test[i:i + 256], w_test[i:i + 256]).argmax(-1) for i in range(0, len(test), 256)])
+        pred = torch.cat([probe(x_test[img_test[i:i + 256]], w_test[i:i + 256]).argmax(-1)
+                          for i in range(0, len(test), 256)])
     hits = collections.defaultdict(list)
     for p, y, row in zip(pred.tolist(), y_test.tolist(), test):
         hits[row[3]].append(p == y)
@@ -123,8 +142,10 @@ def main() -> None:
     n_params = sum(p.numel() for p in probe.parameters())
     table = (f"A {n_params / 1e6:.2f}M-parameter transformer probe reading the frozen {ENCODER} 7x7 grid and the "
              f"question, trained from scratch for {args.epochs} epochs on the {len(train)} training questions of "
-             f"{root} ({train_seconds / 60:.1f} min), scored on its {len(test)} test questions:\n\n" + "\n".join(lines))
-    write_results(args.name, {"synth": str(root), "epochs": args.epochs, "probe_parameters": n_params,
+             f"{root} ({train_seconds / 60:.1f} min; {'fixed sine-cosine' if args.fixed_cell_pos else 'learned'} cell "
+             f"positions), scored on its {len(test)} test questions:\n\n" + "\n".join(lines))
+    write_results(args.name, {"synth": str(root), "epochs": args.epochs, "fixed_cell_pos": args.fixed_cell_pos,
+                              "probe_parameters": n_params,
                               "train_seconds": train_seconds, "accuracy": accuracy,
                               "counts": {t: len(v) for t, v in hits.items()}}, table, machine_info())
     print(table)
