@@ -7,7 +7,8 @@ classifies the answer. Trained from scratch on the same training questions the a
 scored on the same test questions. Where this probe answers a type and the adapters do not,
 the information is in the frozen features and the gap lies in the adapter path.
 
-    python bench/grid_probe.py [--synth runs/synth-4k] [--epochs 10] [--fixed-cell-pos] [--name grid_probe]
+    python bench/grid_probe.py [--synth runs/synth-4k] [--epochs 10] [--fixed-cell-pos] [--only TYPE]
+                               [--name grid_probe]
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--name", default="grid_probe")
+    ap.add_argument("--only", help="train and score on this question type alone (position, yes_no, ...)")
     ap.add_argument("--fixed-cell-pos", action="store_true",
                     help="the V2 projector's fixed 2-D sine-cosine cell code instead of a learned one")
     args = ap.parse_args()
@@ -94,6 +96,10 @@ def main() -> None:
     torch.set_num_threads(2)
     root = Path(args.synth)
     train, test = questions(root, "train"), questions(root, "test")
+    if args.only:
+        train, test = ([r for r in rows if r[3] == args.only] for rows in (train, test))
+        if not test:
+            raise SystemExit(f"{root}: no test questions of type {args.only!r}")
     cache = FeatureCache(cache_dir() / "features", load_encoder(ENCODER).freeze())
     (x_train, img_train), (x_test, img_test) = (grid_features(cache, [r[0] for r in rows]) for rows in (train, test))
     # statistics over training questions (an image counts once per question), as with per-question copies
@@ -145,6 +151,7 @@ def main() -> None:
              f"{root} ({train_seconds / 60:.1f} min; {'fixed sine-cosine' if args.fixed_cell_pos else 'learned'} cell "
              f"positions), scored on its {len(test)} test questions:\n\n" + "\n".join(lines))
     write_results(args.name, {"synth": str(root), "epochs": args.epochs, "fixed_cell_pos": args.fixed_cell_pos,
+                              "only": args.only,
                               "probe_parameters": n_params,
                               "train_seconds": train_seconds, "accuracy": accuracy,
                               "counts": {t: len(v) for t, v in hits.items()}}, table, machine_info())
