@@ -148,6 +148,26 @@ def write_results(name: str, figures: dict[str, Any], table_md: str, machine: di
     return js, md
 
 
+
+def read_results(run: str, folder: Path = RESULTS) -> tuple[Path, dict[str, Any]]:
+    """(the path, the figures) of a committed results/<run>.json; a clear exit when there is none."""
+    path = folder / f"{run}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such results file")
+    return path, json.loads(path.read_text())
+
+
+def print_paired(a: list[bool], b: list[bool], name_a: str, name_b: str, keep: list[bool] | None = None,
+                 subset: str = "") -> None:
+    """McNemar's exact test between two per-question correctness lists on the same questions, optionally
+    only those where `keep` is true (named by `subset`, such as "group IMG")."""
+    from llama_adapter.eval.paired import compare_paired
+
+    if keep is not None:
+        a, b = [x for x, k in zip(a, keep, strict=True) if k], [x for x, k in zip(b, keep, strict=True) if k]
+    print(compare_paired(a, b).format(name_a, name_b) + (f" ({subset})" if subset else ""))
+
+
 SCIENCEQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scienceqa"
 
 

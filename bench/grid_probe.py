@@ -50,10 +50,11 @@ def grid_features(cache: FeatureCache, paths: list[str]) -> tuple[torch.Tensor, 
     One copy per image, not per question: a 16,000-image set has 60,000 questions, 20 GiB as copies.
     """
     unique = sorted(set(paths))
-    first = cache.get(unique[:1]).tokens
-    tokens = torch.empty(len(unique), *first.shape[1:])
+    tokens = None
     for i in range(0, len(unique), 64):
         chunk = cache.get(unique[i:i + 64]).tokens
+        if tokens is None:  # sized by the first chunk: filled in place, no concatenated copy
+            tokens = torch.empty(len(unique), *chunk.shape[1:])
         tokens[i:i + len(chunk)] = chunk.float()
     row = {p: i for i, p in enumerate(unique)}
     return tokens, torch.tensor([row[p] for p in paths])

@@ -9,14 +9,11 @@ problem by problem. Optionally restricted to one ScienceQA group (IMG, NAT, G1-6
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import scienceqa_validation  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import print_paired, read_results, scienceqa_validation  # noqa: E402
 
 
 def load_row(ref: str) -> tuple[int, list[bool]]:
@@ -24,10 +21,7 @@ def load_row(ref: str) -> tuple[int, list[bool]]:
     run, sep, row = ref.partition(":")
     if not sep or not row:
         raise SystemExit(f"{ref!r}: expected RUN:ROW, such as compare_choice_300steps_val300:V1")
-    path = RESULTS / f"{run}.json"
-    if not path.is_file():
-        raise SystemExit(f"{path}: no such results file")
-    data = json.loads(path.read_text())
+    path, data = read_results(run)
     rows = {r["row"]: r for r in data.get("scienceqa", [])}
     if row not in rows or "correct" not in rows[row]:
         raise SystemExit(f"{path}: no ScienceQA row {row!r} with per-problem results (rows: {', '.join(rows)})")
@@ -35,7 +29,6 @@ def load_row(ref: str) -> tuple[int, list[bool]]:
 
 
 def main() -> None:
-    from llama_adapter.eval.paired import compare_paired
     from llama_adapter.eval.scienceqa import GROUPS, groups_of
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,11 +40,8 @@ def main() -> None:
     if limit_a != limit_b or len(a) != len(b):
         raise SystemExit(f"{args.a} and {args.b} were scored on different validation problems "
                          f"(--val-limit {limit_a} vs {limit_b}); they do not pair")
-    if args.group:
-        _, val = scienceqa_validation(limit_a)
-        keep = [args.group in groups_of(p) for p in val]
-        a, b = [x for x, k in zip(a, keep, strict=True) if k], [x for x, k in zip(b, keep, strict=True) if k]
-    print(compare_paired(a, b).format(args.a, args.b) + (f" (group {args.group})" if args.group else ""))
+    keep = [args.group in groups_of(p) for p in scienceqa_validation(limit_a)[1]] if args.group else None
+    print_paired(a, b, args.a, args.b, keep, f"group {args.group}" if args.group else "")
 
 
 if __name__ == "__main__":

@@ -114,9 +114,9 @@ def main() -> None:
                     f"{CHANCE.get(q, float('nan')):.0%} |")
     rows.append(f"| all | {sum(looked.counts.values())} | {looked.accuracy:.1%} | {blind.accuracy:.1%} | |")
     table = (f"{recipe.method['name']} ({', '.join(f'{k}={v}' for k, v in recipe.method.items() if k != 'name')}), "
-             + (f"{result.steps} steps, scored again from the finished run in {result.out_dir}; "
-                if result.start_step >= result.steps else
-                f"{result.steps} steps, trained in {train_seconds / 60:.1f} min on this CPU; ")
+             f"{result.steps} steps, "
+             + (f"scored again from the finished run in {result.out_dir}; " if result.start_step >= result.steps
+                else f"trained in {train_seconds / 60:.1f} min on this CPU; ")
              + f"{la.count_trainable(model):,} trainable parameters."
              + (f" Held-out Alpaca response NLL ({args.alpaca_nll} records): {nll:.3f}." if nll is not None else "")
              + (f" Routing (w0 per layer) differs between an image prompt and a text-only prompt by "
