@@ -5,10 +5,12 @@ A ceiling for the adapters on the synthetic set (bench/synth_vqa.py): a small tr
 tokens (49 x 1752, with learned or fixed position embeddings) together with the question's words and
 classifies the answer. Trained from scratch on the same training questions the adapters see,
 scored on the same test questions. Where this probe answers a type and the adapters do not,
-the information is in the frozen features and the gap lies in the adapter path.
+the information is in the frozen features and the gap lies in the adapter path. With --pooled the
+probe reads the mean of the 49 cells instead: one global vector, the multi-scale pooled features V1
+multimodal sees, so the two show what the grid adds.
 
-    python bench/grid_probe.py [--synth runs/synth-4k] [--epochs 10] [--fixed-cell-pos] [--only TYPE]
-                               [--name grid_probe]
+    python bench/grid_probe.py [--synth runs/synth-4k] [--epochs 10] [--fixed-cell-pos] [--pooled]
+                               [--only TYPE] [--name grid_probe]
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def main() -> None:
     ap.add_argument("--only", help="train and score on this question type alone (position, yes_no, ...)")
     ap.add_argument("--fixed-cell-pos", action="store_true",
                     help="the V2 projector's fixed 2-D sine-cosine cell code instead of a learned one")
+    ap.add_argument("--pooled", action="store_true",
+                    help="the mean of the cells, one vector per image (V1 multimodal's global features)")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -103,6 +107,8 @@ def main() -> None:
             raise SystemExit(f"{root}: no test questions of type {args.only!r}")
     cache = FeatureCache(cache_dir() / "features", load_encoder(ENCODER).freeze())
     (x_train, img_train), (x_test, img_test) = (grid_features(cache, [r[0] for r in rows]) for rows in (train, test))
+    if args.pooled:  # the mean of average-pooled maps is the map's global mean: V1's multi-scale globals
+        x_train, x_test = x_train.mean(1, keepdim=True), x_test.mean(1, keepdim=True)
     # statistics over training questions (an image counts once per question), as with per-question copies
     weight = torch.bincount(img_train, minlength=len(x_train)).float() / (len(img_train) * x_train.shape[1])
     mean = torch.einsum("i,ijc->c", weight, x_train)
@@ -147,12 +153,13 @@ def main() -> None:
     lines = ["| type | test questions | grid probe accuracy |", "|---|---|---|"]
     lines += [f"| {t} | {len(hits[t])} | {a:.1f}% |" for t, a in accuracy.items()]
     n_params = sum(p.numel() for p in probe.parameters())
-    table = (f"A {n_params / 1e6:.2f}M-parameter transformer probe reading the frozen {ENCODER} 7x7 grid and the "
+    source = "grid pooled to one vector" if args.pooled else "7x7 grid"
+    table = (f"A {n_params / 1e6:.2f}M-parameter transformer probe reading the frozen {ENCODER} {source} and the "
              f"question, trained from scratch for {args.epochs} epochs on the {len(train)} training questions of "
              f"{root} ({train_seconds / 60:.1f} min; {'fixed sine-cosine' if args.fixed_cell_pos else 'learned'} cell "
              f"positions), scored on its {len(test)} test questions:\n\n" + "\n".join(lines))
     write_results(args.name, {"synth": str(root), "epochs": args.epochs, "fixed_cell_pos": args.fixed_cell_pos,
-                              "only": args.only,
+                              "pooled": args.pooled, "only": args.only,
                               "probe_parameters": n_params,
                               "train_seconds": train_seconds, "accuracy": accuracy,
                               "counts": {t: len(v) for t, v in hits.items()}}, table, machine_info())

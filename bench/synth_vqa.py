@@ -35,7 +35,8 @@ from llama_adapter.vision import blank_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca"
-CHANCE = {"colour": 1 / 6, "shape": 1 / 3, "colour_of": 1 / 6, "count": 1 / 4, "position": 1 / 2, "yes_no": 1 / 2}
+CHANCE = {"colour": 1 / 6, "shape": 1 / 3, "colour_of": 1 / 6, "count": 1 / 4, "position": 1 / 2, "yes_no": 1 / 2,
+          "side": 1 / 2}
 
 
 @torch.no_grad()

@@ -92,6 +92,40 @@ def test_yes_no_balanced(synth):
     assert 0.3 < share < 0.7
 
 
+def without_side(records: list[dict]) -> list[dict]:
+    """The records as they were before the side question existed: its turns and test records removed."""
+    kept = []
+    for r in records:
+        if r.get("qtype") == "side":
+            continue
+        if "qtypes" in r:
+            turns = list(zip(r["qtypes"], r["conversations"][0::2], r["conversations"][1::2]))
+            at = next((i for i, t in enumerate(turns) if t[0] == "side"), None)
+            if at is not None:
+                image_tag = turns[at][1]["value"].startswith("<image>\n")
+                del turns[at]
+                if image_tag:
+                    turns[0][1]["value"] = "<image>\n" + turns[0][1]["value"]
+            r = {**r, "qtypes": [t[0] for t in turns], "conversations": [c for t in turns for c in t[1:]]}
+        kept.append(r)
+    return kept
+
+
+def test_side_question_leaves_earlier_questions_unchanged(synth):
+    """Adding `side` (own generator) kept every image and question of the earlier sets: these hashes are
+    those of this fixture's files written by the generator before the side question was added."""
+    _, s = synth
+    before = {"llava_train.json": "3071680534fcae3c5b40697c341df8aec9a62fc7e6cb90c4151b22b8414652dc",
+              "llava_test.json": "9ab250c9bec23cd421243bf0d6fe807ec8ffceebe29608ed50c68cb23b065ae8"}
+    for name, digest in before.items():
+        records = load(s, name)
+        assert any("side" in r.get("qtypes", [r.get("qtype")]) for r in records)
+        stripped = json.dumps(without_side(records), sort_keys=True).encode()
+        assert hashlib.sha256(stripped).hexdigest() == digest, name
+    sides = [r["answer"] for r in load(s, "llava_test.json") if r["qtype"] == "side"]
+    assert set(sides) == {"left", "right"}
+
+
 def pixels(s, rel: str) -> np.ndarray:
     return np.asarray(Image.open(s.out_dir / rel).convert("RGB"))
 
@@ -142,6 +176,11 @@ def expected(qtype: str, question: str, shapes: list[dict]) -> str:
         left, right = (a, b) if a["box"][2] < b["box"][0] else (b, a)
         assert left["box"][2] < right["box"][0], "position asked about shapes that overlap horizontally"
         return "yes" if (rel == "left") == (left is a) else "no"
+    if qtype == "side":
+        shape = names[re.search(r"the (\w+ \w+) on", question).group(1)]
+        x0, _, x1, _ = shape["box"]
+        assert x1 < SIZE / 2 or x0 >= SIZE / 2, "side asked about a shape across the middle"
+        return "left" if x1 < SIZE / 2 else "right"
     raise AssertionError(qtype)
 
 

@@ -7,7 +7,7 @@ build, which brings its own FreeType for the text and zlib for the PNGs).
 
 Answer formats (the `answer` field; the assistant turn is `reply_text(answer)`):
   colour, colour_of: a colour word ("red"); shape: a kind word ("circle"); count: a digit ("3");
-  position, yes_no: "yes" or "no"; ocr: the word, lower case ("apple").
+  position, yes_no: "yes" or "no"; side: "left" or "right"; ocr: the word, lower case ("apple").
 Compare a generated reply with `normalise_answer(reply) == answer`.
 """
 
@@ -28,10 +28,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 210, 30), "purple": (140, 60, 180), "orange": (245, 140, 30),
 }
 KINDS = ("circle", "square", "triangle")
-QTYPES = ("colour", "shape", "count", "position", "colour_of", "yes_no", "ocr")
+QTYPES = ("colour", "shape", "count", "position", "colour_of", "yes_no", "side", "ocr")
 ANSWER_FORMATS = {
     "colour": "one colour word", "shape": "one shape word", "count": "a digit 1-4",
-    "position": "yes or no", "colour_of": "one colour word", "yes_no": "yes or no", "ocr": "the word, lower case",
+    "position": "yes or no", "colour_of": "one colour word", "yes_no": "yes or no", "side": "left or right",
+    "ocr": "the word, lower case",
 }
 QUESTIONS = {
     "colour": ("What colour is the shape?", "What is the colour of the shape?"),
@@ -39,6 +40,7 @@ QUESTIONS = {
     "count": ("How many shapes are there?", "How many shapes are in the image?"),
     "colour_of": ("What colour is the {kind}?", "What is the colour of the {kind}?"),
     "yes_no": ("Is there {name}?", "Does the image contain {name}?"),  # name with its article
+    "side": ("Is the {name} on the left or the right of the image?", "Which side of the image is the {name} on?"),
 }
 OCR_QUESTION = "What word is written in the image?"
 CAPTION_FORMAT = "all shapes named left to right: 'A red circle, a blue square and a green triangle.'"
@@ -202,6 +204,20 @@ def _yes_no_qa(rng: random.Random, shapes: list[Shape]) -> QA:
     return QA("yes_no", template.format(name=with_article(f"{colour} {kind}")), "no")
 
 
+def side_qa(rng: random.Random, shapes: list[Shape], side: int) -> QA | None:
+    """Which half of the image one shape lies in (its box wholly in that half); left and right equally often.
+
+    One shape and the image's own frame: what a grid of tokens keeps and one pooled vector loses, without
+    the two-shape relation of `position`."""
+    halves = {"left": [s for s in shapes if 2 * s.box[2] < side], "right": [s for s in shapes if 2 * s.box[0] >= side]}
+    answers = [a for a in ("left", "right") if halves[a]]
+    if not answers:
+        return None
+    answer = rng.choice(answers)
+    shape = rng.choice(halves[answer])
+    return QA("side", rng.choice(QUESTIONS["side"]).format(name=shape.name), answer)
+
+
 def make_questions(rng: random.Random, shapes: list[Shape]) -> list[QA]:
     n = len(shapes)
     qas = []
@@ -275,13 +291,16 @@ def _llava_record(rid: str, image: str, qas: list[QA], single: bool) -> dict[str
 
 
 SQA_CATEGORY = {"colour": "Identify colours", "colour_of": "Identify colours", "shape": "Identify shapes",
-                "count": "Count objects", "position": "Spatial relations", "yes_no": "Find objects"}
+                "count": "Count objects", "position": "Spatial relations", "side": "Spatial relations",
+                "yes_no": "Find objects"}
 
 
 def sqa_problem(rng: random.Random, qa: QA, split: str) -> dict[str, Any]:
     """A ScienceQA-format multiple-choice problem (2-4 choices) for one question about an image."""
     if qa.qtype in ("position", "yes_no"):
         choices = ["yes", "no"]
+    elif qa.qtype == "side":
+        choices = ["left", "right"]
     else:
         pool = {"colour": list(COLOURS), "colour_of": list(COLOURS), "shape": list(KINDS),
                 "count": ["1", "2", "3", "4"]}[qa.qtype]
@@ -362,15 +381,22 @@ def synthesize(out_dir: str | Path, n: int, seed: int = 0, n_test: int | None = 
             (out / rel).write_bytes(data)
             qas = make_questions(rng, shapes)
             rng.shuffle(qas)
-            for qa in qas:
+            # the side question draws from its own generator: the images and the other questions stay
+            # those of the sets made before it existed, so earlier results remain comparable
+            side_rng = random.Random(f"llama-adapter-synth/{seed}/{split}/side/{i}")
+            side = side_qa(side_rng, shapes, image_size)
+            asked = list(qas)
+            if side is not None:
+                asked.insert(side_rng.randint(0, len(qas)), side)
+            for qa in asked:
                 counts[split][qa.qtype] = counts[split].get(qa.qtype, 0) + 1
             images[iid] = {"image": rel, "split": split, "background": list(background),
                            "shapes": [s.to_dict() for s in shapes], "caption": describe(shapes)}
             captions[split].append({"image": rel, "caption": describe(shapes)})
             if split == "train":
-                llava[split].append(_llava_record(iid, rel, qas, single=False))
+                llava[split].append(_llava_record(iid, rel, asked, single=False))
             else:
-                llava[split].extend(_llava_record(f"{iid}_{qa.qtype}", rel, [qa], single=True) for qa in qas)
+                llava[split].extend(_llava_record(f"{iid}_{qa.qtype}", rel, [qa], single=True) for qa in asked)
             pid = str(len(problems) + 1)
             problems[pid] = sqa_problem(rng, rng.choice(qas), split)
             sqa_sources[pid] = iid
