@@ -148,7 +148,6 @@ def write_results(name: str, figures: dict[str, Any], table_md: str, machine: di
     return js, md
 
 
-
 def read_results(run: str, folder: Path = RESULTS) -> tuple[Path, dict[str, Any]]:
     """(the path, the figures) of a committed results/<run>.json; a clear exit when there is none."""
     path = folder / f"{run}.json"

@@ -104,8 +104,9 @@ def without_side(records: list[dict]) -> list[dict]:
             if at is not None:
                 image_tag = turns[at][1]["value"].startswith("<image>\n")
                 del turns[at]
-                if image_tag:
-                    turns[0][1]["value"] = "<image>\n" + turns[0][1]["value"]
+                if image_tag:  # a new turn dict: the loaded record stays as read
+                    qtype, human, gpt = turns[0]
+                    turns[0] = (qtype, {**human, "value": "<image>\n" + human["value"]}, gpt)
             r = {**r, "qtypes": [t[0] for t in turns], "conversations": [c for t in turns for c in t[1:]]}
         kept.append(r)
     return kept

@@ -204,7 +204,7 @@ def _yes_no_qa(rng: random.Random, shapes: list[Shape]) -> QA:
     return QA("yes_no", template.format(name=with_article(f"{colour} {kind}")), "no")
 
 
-def side_qa(rng: random.Random, shapes: list[Shape], side: int) -> QA | None:
+def _side_qa(rng: random.Random, shapes: list[Shape], side: int) -> QA | None:
     """Which half of the image one shape lies in (its box wholly in that half); left and right equally often.
 
     One shape and the image's own frame: what a grid of tokens keeps and one pooled vector mostly loses
@@ -382,7 +382,7 @@ def synthesize(out_dir: str | Path, n: int, seed: int = 0, n_test: int | None = 
             # the side question draws from its own generator: the images and the other questions stay
             # those of the sets made before it existed, so earlier results remain comparable
             side_rng = random.Random(f"llama-adapter-synth/{seed}/{split}/side/{i}")
-            side = side_qa(side_rng, shapes, image_size)
+            side = _side_qa(side_rng, shapes, image_size)
             asked = list(qas)
             if side is not None:
                 asked.insert(side_rng.randint(0, len(qas)), side)
