@@ -113,11 +113,14 @@ def main() -> None:
         "correct_with_image": [p["correct"] for p in looked.predictions],
     }
     rows = ["| question type | n | with image | blank image | chance |", "|---|---|---|---|---|"]
+    def blank_cell(accuracy: float | None) -> str:
+        return "not scored" if accuracy is None else f"{accuracy:.1%}"
+
     for q in looked.by_type:
         rows.append(f"| {q} | {looked.counts[q]} | {looked.by_type[q]:.1%} | "
-                    f"{f'{blind.by_type[q]:.1%}' if blind else 'not scored'} | {CHANCE.get(q, float('nan')):.0%} |")
+                    f"{blank_cell(blind.by_type[q] if blind else None)} | {CHANCE.get(q, float('nan')):.0%} |")
     rows.append(f"| all | {sum(looked.counts.values())} | {looked.accuracy:.1%} | "
-                f"{f'{blind.accuracy:.1%}' if blind else 'not scored'} | |")
+                f"{blank_cell(figures['overall_blank_image'])} | |")
     table = (f"{recipe.method['name']} ({', '.join(f'{k}={v}' for k, v in recipe.method.items() if k != 'name')}), "
              f"{result.steps} steps, "
              + (f"scored again from the finished run in {result.out_dir}; " if result.start_step >= result.steps

@@ -382,10 +382,10 @@ def synthesize(out_dir: str | Path, n: int, seed: int = 0, n_test: int | None = 
             # the side question draws from its own generator: the images and the other questions stay
             # those of the sets made before it existed, so earlier results remain comparable
             side_rng = random.Random(f"llama-adapter-synth/{seed}/{split}/side/{i}")
-            side = _side_qa(side_rng, shapes, image_size)
+            side_qa = _side_qa(side_rng, shapes, image_size)
             asked = list(qas)
-            if side is not None:
-                asked.insert(side_rng.randint(0, len(qas)), side)
+            if side_qa is not None:
+                asked.insert(side_rng.randint(0, len(qas)), side_qa)
             for qa in asked:
                 counts[split][qa.qtype] = counts[split].get(qa.qtype, 0) + 1
             images[iid] = {"image": rel, "split": split, "background": list(background),
