@@ -199,7 +199,7 @@ def row_header(row: Row, model) -> dict[str, Any]:
 
     trained = row.impl != "none"
     return {"row": row.name, "trainable_parameters": count_trainable(model) if trained else 0,
-            "lr": row.lr if trained else None}
+            "lr": round(row.lr, 12) if trained else None}
 
 
 def sqa_examples(tok, problems, images: bool, kind: str, answer_form: str, experts: list):
@@ -306,6 +306,8 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     rows = {"sqa": SQA_ROWS, "alpaca": ALPACA_ROWS}[args.part] + DIAGNOSTIC_ROWS
     row = next(r for r in rows if r.name == args.row)
+    if row.lr is not None:
+        row = dataclasses.replace(row, lr=row.lr * args.lr_scale)
     with tempfile.TemporaryDirectory() as tmp:
         fn = run_sqa_row if args.part == "sqa" else run_alpaca_row
         result = fn(row, args, Path(tmp) / "run")
@@ -318,6 +320,7 @@ def run_child(part: str, row: Row, args) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--part", part, "--row", row.name, "--child-out", path,
            "--steps", str(args.steps if part == "sqa" else args.alpaca_steps), "--batch", str(args.batch),
            "--val-limit", str(args.val_limit), "--nll-records", str(args.nll_records), "--threads", str(args.threads),
+           "--lr-scale", str(args.lr_scale),
            "--option-order", args.option_order, "--answer-form", args.answer_form, "--experts", args.experts]
     print(f"[{part}] {row.name} ...", flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -363,6 +366,7 @@ def sqa_table(sqa: list[dict], tests: list[tuple[str, str, Any]], args) -> list[
              f"choices is answered right; \"(B) chosen\": how often the model picks (B) on the "
              f"two-choice ones, where it is the answer {pct(sqa[0].get('two_choice_b', {}).get('answer'))}% of the "
              f"time; \"p vs zero-shot\": McNemar's exact test on the same problems)"
+             + (f"; learning rates {args.lr_scale:g}x the recipes'" if args.lr_scale != 1 else "")
              + (f"; the experts' texts ({experts_named(args.experts)}) in the context of the rows with images and of "
                 f"the \"(expert texts)\" rows" if args.experts else "") + ":", "", head,
              "|" + "---|" * (len(GROUPS) + 9)]
@@ -438,6 +442,8 @@ def main() -> None:
                     help="expert texts about each image (llama-adapter's --expert specs, separated by ;) in the "
                          "context of the rows with images, in training and evaluation; ScienceQA's: "
                          f"'precomputed:{SQA_CAPTIONS};precomputed:{SQA_OCRS}'")
+    ap.add_argument("--lr-scale", type=float, default=1.0,
+                    help="multiply every trained row's learning rate (its recipe's) by this, for a learning-rate sweep")
     ap.add_argument("--threads", type=int, default=bench_threads())
     ap.add_argument("--rows", default="", help="row names to run, separated by ; (default: all)")
     ap.add_argument("--name", default="compare_methods")
@@ -460,7 +466,8 @@ def main() -> None:
     figures = {"scienceqa": sqa, "paired_tests": [{"a": a, "b": b, **dataclasses.asdict(t)} for a, b, t in tests],
                "alpaca": alpaca, "steps": args.steps,
                "alpaca_steps": args.alpaca_steps, "batch_size": args.batch, "val_limit": args.val_limit,
-               "option_order": args.option_order, "answer_form": args.answer_form, "experts": args.experts,
+               "option_order": args.option_order, "lr_scale": args.lr_scale, "answer_form": args.answer_form,
+               "experts": args.experts,
                "total_seconds": round(time.perf_counter() - t0)}
     md = markdown(sqa, tests, alpaca, args)
     write_results(args.name, figures, md, machine_info(("transformers", "peft")))
