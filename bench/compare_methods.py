@@ -199,7 +199,7 @@ def row_header(row: Row, model) -> dict[str, Any]:
 
     trained = row.impl != "none"
     return {"row": row.name, "trainable_parameters": count_trainable(model) if trained else 0,
-            "lr": round(row.lr, 12) if trained else None}
+            "lr": row.lr if trained else None}
 
 
 def sqa_examples(tok, problems, images: bool, kind: str, answer_form: str, experts: list):
@@ -306,8 +306,8 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     rows = {"sqa": SQA_ROWS, "alpaca": ALPACA_ROWS}[args.part] + DIAGNOSTIC_ROWS
     row = next(r for r in rows if r.name == args.row)
-    if row.lr is not None:
-        row = dataclasses.replace(row, lr=row.lr * args.lr_scale)
+    if row.lr is not None:  # rounded so that 3 x 3e-3 trains and reports as 0.009, not 0.009000000000000001
+        row = dataclasses.replace(row, lr=round(row.lr * args.lr_scale, 12))
     with tempfile.TemporaryDirectory() as tmp:
         fn = run_sqa_row if args.part == "sqa" else run_alpaca_row
         result = fn(row, args, Path(tmp) / "run")
