@@ -13,7 +13,8 @@ alternates text-only steps (its instruction group) with image steps (its visual 
 same problems, as its joint training does. With --experts, the rows with images also get the experts' texts about
 the image (ScienceQA's captions.json and ocrs.json) in the context, as V2 reads images through experts; the
 diagnostic rows "zero-shot (expert texts)", "V2 (expert texts, no images)" and "LaVIN (expert texts, no images)"
-get the texts alone.
+get the texts alone. The diagnostic row "full fine-tune" trains every weight of the model: the reference for what
+the base model reaches on this data and budget.
 Each of our rows takes the method options and learning rate of its committed CPU recipe
 (recipes/*_cpu.yaml); PEFT's AdaptionPrompt takes V1's learning rate, being the same method.
 
@@ -70,7 +71,7 @@ GROUPS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 @dataclass
 class Row:
     name: str
-    impl: str  # "ours", "peft-adaption-prompt", "peft-lora", or "none" (zero-shot)
+    impl: str  # "ours", "peft-adaption-prompt", "peft-lora", "full" (every weight trained) or "none" (zero-shot)
     method: dict[str, Any] = field(default_factory=dict)  # our method: {"name": ..., options}
     lr: float | None = None  # None: not trained (zero-shot)
     images: bool = False  # train and evaluate with the problems' images
@@ -127,14 +128,19 @@ V1MM_TEXT = from_recipe("V1 multimodal (no images)", "v1mm_smollm2_synth_cpu.yam
 ZERO_SHOT_EXPERTS = Row("zero-shot (expert texts)", "none", expert_texts=True)
 EXPERT_TEXT_ROWS = [dataclasses.replace(r, name=r.name.replace("(no images)", "(expert texts, no images)"),
                                         expert_texts=True) for r in (V2_TEXT, LAVIN_TEXT)]
-DIAGNOSTIC_ROWS = [V1_SCALAR_GATE, V1MM_TEXT, ZERO_SHOT_EXPERTS, *EXPERT_TEXT_ROWS]
+# And every weight of the model trained (AdamW at a usual full fine-tuning rate): what the base model can reach on
+# this data and budget when nothing is frozen, a reference for the adapters' gains over zero-shot.
+FULL_FINETUNE = Row("full fine-tune", "full", lr=5e-5)
+DIAGNOSTIC_ROWS = [V1_SCALAR_GATE, V1MM_TEXT, ZERO_SHOT_EXPERTS, *EXPERT_TEXT_ROWS, FULL_FINETUNE]
 ALPACA_ROWS = [ZERO_SHOT, V1, dataclasses.replace(V2_TEXT, name="V2"),
                dataclasses.replace(LAVIN_TEXT, name="LaVIN (text-only path)"), PEFT_ADAPTION_PROMPT, PEFT_LORA]
 
 
 # -- PEFT models behind our trainer ---------------------------------------------------------------
 @dataclass
-class PeftRowConfig:
+class OutsideMethodConfig:
+    """The config of a row that is not one of our methods (PEFT's, full fine-tuning): its kind only."""
+
     kind: str
 
 
@@ -174,7 +180,7 @@ class PeftModel(TransformersModel):
                           task_type="CAUSAL_LM"))
         self.inner = get_peft_model(self.inner, cfg)
         names = [f"inner.{n}" for n, p in self.inner.named_parameters() if p.requires_grad]
-        self.adapter = Attached(kind, PeftRowConfig(kind), groups={"peft": names})
+        self.adapter = Attached(kind, OutsideMethodConfig(kind), groups={"peft": names})
 
 
 # -- one row, in a subprocess -----------------------------------------------------------------------
@@ -190,6 +196,11 @@ def build(row: Row):
         la.attach(model, config_from_dict(row.method["name"], options))
     elif row.impl.startswith("peft"):
         model = PeftModel(row.impl, model.config, str(resolve_model_path("smollm2-135m", progress=False)))
+    elif row.impl == "full":
+        from llama_adapter.methods.registry import Attached
+
+        model.adapter = Attached("full", OutsideMethodConfig("full"), groups={"all": [n for n, _ in
+                                                                                  model.named_parameters()]})
     return model, tok
 
 
