@@ -199,8 +199,8 @@ def build(row: Row):
     elif row.impl == "full":
         from llama_adapter.methods.registry import Attached
 
-        model.adapter = Attached("full", OutsideMethodConfig("full"), groups={"all": [n for n, _ in
-                                                                                  model.named_parameters()]})
+        every_weight = [n for n, _ in model.named_parameters()]
+        model.adapter = Attached("full", OutsideMethodConfig("full"), groups={"all": every_weight})
     return model, tok
 
 
