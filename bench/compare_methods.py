@@ -31,7 +31,8 @@ PEFT's AdaptionPrompt and V2 against LoRA, are tested with McNemar's exact test 
 
     python bench/compare_methods.py [--steps 60] [--val-limit 300] [--alpaca-steps 60] [--nll-records 100]
         [--option-order shuffled|original] [--answer-form letter|choice] [--rows "V1;PEFT LoRA r8 q,v"]
-        [--tables sqa,alpaca] [--experts 'precomputed:CAPTIONS.json;precomputed:OCRS.json'] [--name N]
+        [--tables sqa,alpaca] [--experts 'precomputed:CAPTIONS.json;precomputed:OCRS.json'] [--lr-scale S]
+        [--name N]
 """
 
 from __future__ import annotations
