@@ -20,6 +20,7 @@ install: $(STAMP)
 
 lint: install
 	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
 
 test: install lint
 	$(PY) -m pytest -q

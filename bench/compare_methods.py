@@ -194,7 +194,7 @@ def build(row: Row):
     model, tok = la.load_pretrained("smollm2-135m")
     if row.impl == "ours":
         options = {k: v for k, v in row.method.items() if k != "name"}
-        la.attach(model, config_from_dict(row.method["name"], options))
+        la.attach(model, config_from_dict(row.method["name"], options), tokenizer=tok)
     elif row.impl.startswith("peft"):
         model = PeftModel(row.impl, model.config, str(resolve_model_path("smollm2-135m", progress=False)))
     elif row.impl == "full":

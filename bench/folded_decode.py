@@ -33,7 +33,7 @@ def text_only_v2(adapter: str | None):
     V2 adapter with random non-trivial scales and biases when none is given."""
     model, tok = la.load_pretrained("smollm2-135m", dtype="bf16")
     if adapter:
-        la.load_adapter(model, adapter)
+        la.load_adapter(model, adapter, tokenizer=tok)
     else:
         la.attach(model, la.AdapterV2Config(n_layers=0))
         with torch.no_grad():

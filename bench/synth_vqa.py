@@ -28,10 +28,9 @@ import llama_adapter as la  # noqa: E402
 from llama_adapter.data.multimodal import read_llava  # noqa: E402
 from llama_adapter.data.synth import synthesize  # noqa: E402
 from llama_adapter.eval.nll import held_out_alpaca, response_nll  # noqa: E402
-from llama_adapter.eval.vqa import evaluate_vqa  # noqa: E402
+from llama_adapter.eval.vqa import evaluate_vqa, evaluate_with_blank_control  # noqa: E402
 from llama_adapter.recipe import load_recipe  # noqa: E402
-from llama_adapter.train.run import run_recipe  # noqa: E402
-from llama_adapter.vision import blank_image  # noqa: E402
+from llama_adapter.runner import run_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca"
@@ -81,13 +80,14 @@ def main() -> None:
     result, model, tok = run_recipe(recipe)
     train_seconds = time.perf_counter() - t0
     src = recipe.data[0]
-    blank = blank_image()
     t1 = time.perf_counter()
-    looked = evaluate_vqa(model, tok, synth / "llava_test.json", src.template, src.image_placeholder,
-                          limit=args.test_limit)
-    blind = None if args.no_blank else evaluate_vqa(
-        model, tok, synth / "llava_test.json", src.template, src.image_placeholder,
-        image_override=lambda _: blank, limit=args.test_limit)
+    test_file = synth / "llava_test.json"
+    if args.no_blank:
+        looked = evaluate_vqa(model, tok, test_file, src.template, src.image_placeholder, limit=args.test_limit)
+        blind = None
+    else:  # the same questions again with a blank grey image of the same size in place of each image
+        looked, blind = evaluate_with_blank_control(model, tok, test_file, src.template, src.image_placeholder,
+                                                    limit=args.test_limit)
     nll = None
     if args.alpaca_nll:
         held = held_out_alpaca(ALPACA / "alpaca_data_1k.json", ALPACA / "alpaca_small_2k.json", args.alpaca_nll)

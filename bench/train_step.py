@@ -30,9 +30,9 @@ from llama_adapter.data.formats import read_alpaca  # noqa: E402
 from llama_adapter.data.templates import alpaca_prompt  # noqa: E402
 from llama_adapter.data.tokenize import IGNORE, Batch, encode_pair  # noqa: E402
 from llama_adapter.device import autocast  # noqa: E402
+from llama_adapter.loss import lm_loss  # noqa: E402
 from llama_adapter.model.load import resolve_model_path  # noqa: E402
 from llama_adapter.train.optim import build_optimizer  # noqa: E402
-from llama_adapter.train.trainer import lm_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_data_1k.json"

@@ -29,7 +29,7 @@ import llama_adapter as la  # noqa: E402
 from llama_adapter.data.templates import alpaca_prompt  # noqa: E402
 from llama_adapter.eval.nll import held_out_alpaca, response_nll  # noqa: E402
 from llama_adapter.recipe import load_recipe  # noqa: E402
-from llama_adapter.train.run import run_recipe  # noqa: E402
+from llama_adapter.runner import run_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "alpaca"

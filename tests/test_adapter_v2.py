@@ -50,10 +50,39 @@ def test_trainable_parameters_and_groups(tiny):
 
 def test_visual_and_instruction_layers_never_overlap(tiny):
     model, _ = tiny
-    with pytest.raises(ValueError, match="E=2 \\+ n_layers L=3 exceeds the model's 4 layers"):
+    with pytest.raises(ValueError, match="E=2 \\+ n_layers L=3 exceeds the model's N=4 layers"):
         la.attach(model, la.AdapterV2Config(n_layers=3, vision="efficientnet-lite0", visual_layers=2))
+    with pytest.raises(ValueError, match="visual_layers E=5 exceeds the model's N=4 layers"):
+        la.AdapterV2Config(vision="x", visual_layers=5, n_layers=0).layer_split(4)
     early, late = la.AdapterV2Config(vision="x", visual_layers=1).layer_split(30)
     assert early == range(0, 1) and late == range(2, 30)
+
+
+@pytest.mark.parametrize("visual_layers", [4, 5], ids=["E=N", "E>N"])
+def test_default_instruction_layers_refuse_an_early_fusion_depth_that_leaves_none(tiny, visual_layers):
+    model, _ = tiny
+    cfg = la.AdapterV2Config(vision="efficientnet-lite0", visual_layers=visual_layers)
+    with pytest.raises(ValueError, match=f"visual_layers E={visual_layers} ") as refused:
+        la.attach(model, cfg)  # refused before the image encoder is loaded
+    assert "N=4 layers" in str(refused.value) and "n_layers L" in str(refused.value)
+    assert model.adapter is None
+
+
+def test_valid_layer_splits(tiny):
+    # default L: all layers above max(E, 2); an explicit L = 0 is bias tuning without instruction prompts
+    assert la.AdapterV2Config(vision="x", visual_layers=3).layer_split(4) == (range(0, 3), range(3, 4))
+    assert la.AdapterV2Config(vision="x", visual_layers=1).layer_split(4) == (range(0, 1), range(2, 4))
+    assert la.AdapterV2Config(vision="x", visual_layers=4, n_layers=0).layer_split(4) == (range(0, 4), range(4, 4))
+    assert la.AdapterV2Config().layer_split(4) == (range(0, 0), range(2, 4))
+    # text only on two layers: none above the first two for the default L
+    with pytest.raises(ValueError, match="E=0 .*N=2 layers.*L = 2 - max\\(E, 2\\) = 0"):
+        la.AdapterV2Config().layer_split(2)
+    model, _ = tiny
+    la.attach(model, la.AdapterV2Config(prompt_len=2, vision="efficientnet-lite0", visual_layers=3,
+                                        visual_queries=2, visual_blocks=1, visual_width=16))
+    prefixed = [i for i, layer in enumerate(model.layers) if getattr(layer.self_attn, "prefix", None) is not None]
+    assert prefixed == [0, 1, 2, 3]
+    assert model.layers[3].self_attn.prefix.row_key is None and model.layers[2].self_attn.prefix.row_key is not None
 
 
 def test_fold_keeps_logits(tiny):

@@ -14,7 +14,7 @@ import llama_adapter as la
 from llama_adapter.cli import main as cli_main
 from llama_adapter.data.multimodal import MultimodalExample, collate_multimodal
 from llama_adapter.data.tokenize import IGNORE, Example
-from llama_adapter.generate import Sampling, generate_tokens
+from llama_adapter.generate import Sampling, generate_tokens, stream_batch
 from llama_adapter.methods.lavin import MODALITY_INDEX, LavinConfig, MMAdapter, set_tokenizer
 from llama_adapter.train import TrainConfig, Trainer
 from llama_adapter.vision import load_encoder
@@ -48,7 +48,7 @@ def pictures(tmp_path_factory) -> list[Path]:
 
 def lavin_model(folder, clip_folder, **kw):
     model, tok = la.load_pretrained(folder)
-    la.attach(model, LavinConfig(vision=f"clip:{clip_folder}", **kw))
+    la.attach(model, LavinConfig(vision=f"clip:{clip_folder}", **kw), tokenizer=tok)
     return model, tok
 
 
@@ -255,15 +255,22 @@ def test_save_load_round_trip_and_refusals(tiny_folder, clip_folder, pictures, t
     model, tok = lavin_model(tiny_folder, clip_folder)
     perturb(model)
     la.save_adapter(model, tmp_path / "ad")
-    model2, _ = la.load_pretrained(tiny_folder)
-    la.load_adapter(model2, tmp_path / "ad")
+    model2, tok2 = la.load_pretrained(tiny_folder)
+    with pytest.raises(ValueError, match="tokenizer=tok"):  # LaVIN encodes "Image:" with it: given, never guessed
+        la.load_adapter(model2, tmp_path / "ad")
+    assert model2.adapter is None
+    la.load_adapter(model2, tmp_path / "ad", tokenizer=tok2)
     texts = ["what shape is it?", "hello world"]
     a = la.generate(model, tok, texts, images=[pictures[0], None], max_new_tokens=6)
     assert a == la.generate(model2, tok, texts, images=[pictures[0], None], max_new_tokens=6)
     with pytest.raises(ValueError, match="modality token"):
         model(torch.tensor([tok.encode("hi")]))
     text_only, _ = la.load_pretrained(tiny_folder)
-    la.attach(text_only, LavinConfig(vision=None))
+    la.attach(text_only, LavinConfig(vision=None), tokenizer=tok)
+    # the attached method answers what a caller may give it: its modality token needs inputs prepared, and
+    # only the LaVIN with vision takes images
+    assert (model.adapter.takes_images, model.adapter.prepares_inputs, model.adapter.plain) == (True, True, False)
+    assert (text_only.adapter.takes_images, text_only.adapter.prepares_inputs) == (False, True)
     assert la.count_trainable(text_only) == 4 * (64 * 8 + 8 + 2 * (64 * 4 + 64) + 64 * 2 + 2) + 2 * 64
     with pytest.raises(ValueError, match="without vision"):
         la.generate(text_only, tok, ["hi"], images=[pictures[0]])
@@ -273,7 +280,7 @@ def test_save_load_round_trip_and_refusals(tiny_folder, clip_folder, pictures, t
 def test_efficientnet_default_has_no_encoder_adapters_and_caches(tiny_folder, pictures, tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path / "cache"))
     model, tok = la.load_pretrained(tiny_folder)
-    la.attach(model, LavinConfig())  # efficientnet-lite0: a CNN, so vision_adapters has nothing to adapt
+    la.attach(model, LavinConfig(), tokenizer=tok)  # efficientnet-lite0: a CNN, so vision_adapters has nothing to adapt
     enc = model.lavin.frontend.encoder
     assert enc.adapters() == {} and not enc.has_trainable()
     assert not any(n.startswith("lavin.frontend") for n in la.trainable_parameters(model))
@@ -285,3 +292,30 @@ def test_efficientnet_default_has_no_encoder_adapters_and_caches(tiny_folder, pi
     torch.testing.assert_close(prep.inputs_embeds[0, start - len(prefix): start],
                                model.embed_tokens(torch.tensor(prefix)))
     assert model.lavin.frontend._cache is not None and model.lavin.frontend._cache.misses == 1
+
+
+def test_attach_without_a_tokenizer_is_a_clear_error(tiny_folder):
+    model, _ = la.load_pretrained(tiny_folder)
+    with pytest.raises(ValueError, match=r"lavin encodes texts of its own .* tokenizer=tok"):
+        la.attach(model, LavinConfig(vision=None))
+    assert model.adapter is None
+
+
+def test_generate_cli_gives_a_text_only_lavin_the_experts_texts(tiny_folder, pictures, tmp_path, capsys):
+    """On a LaVIN without vision, --image with --expert means: the experts' texts about the image go into
+    the prompt, and the image itself stays out (it used to be refused as an image the adapter cannot see)."""
+    from llama_adapter.experts import PrecomputedExpert, expert_prompt_ids
+
+    model, tok = la.load_pretrained(tiny_folder)
+    la.attach(model, LavinConfig(vision=None), tokenizer=tok)
+    perturb(model)
+    la.save_adapter(model, tmp_path / "ad")
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps({pictures[0].stem: "a red circle"}))
+    assert cli_main(["generate", "--model", str(tiny_folder), "--adapter", str(tmp_path / "ad"), "--prompt",
+                     "what is it?", "--image", str(pictures[0]), "--expert", f"precomputed:{texts}", "--no-chat",
+                     "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    ids = expert_prompt_ids(tok, "what is it?", pictures[0], [PrecomputedExpert(texts)], "alpaca")
+    assert "a red circle" in tok.decode(ids)
+    want = "".join(d[0] for d in stream_batch(model, tok, [ids], Sampling(max_new_tokens=5)))
+    assert capsys.readouterr().out == want + "\n"

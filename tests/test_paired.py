@@ -32,6 +32,14 @@ def test_paired_counts_ignore_agreements():
         compare_paired(a, b[:-1])
 
 
+def test_format_says_which_way_the_difference_goes():
+    r = compare_paired([True, False, False, False], [True, True, True, False])
+    text = r.format("v1", "v2")
+    assert text.startswith("v1: 1/4 right, v2: 3/4 right; v1 - v2 = -50.0 points; right only for v1: 0, only for v2: 2")
+    text = compare_paired([True, True], [True, False]).format("x", "y")
+    assert text.startswith("x: 2/2 right, y: 1/2 right; x - y = +50.0 points")
+
+
 def write(path, rows):
     path.write_text("".join(json.dumps({"pid": pid, "prediction": 0, "correct": ok}) + "\n" for pid, ok in rows))
     return str(path)
@@ -42,7 +50,7 @@ def test_cli_compares_prediction_files_by_pid(tmp_path, capsys):
     b = write(tmp_path / "b.jsonl", [(str(i), i < 2) for i in reversed(range(20))])  # another order
     assert main(["eval", "compare", a, b]) == 0
     out = capsys.readouterr().out
-    assert "12/20 right" in out and "2/20 right" in out and "+50.0 points" in out
+    assert f"{a}: 12/20 right, {b}: 2/20 right; {a} - {b} = +50.0 points;" in out
     assert f"p = {mcnemar_p_value(10, 0):.3g}" in out
     c = write(tmp_path / "c.jsonl", [(str(i), True) for i in range(19)])
     assert main(["eval", "compare", a, c]) == 2

@@ -378,7 +378,7 @@ def test_ranked_scores_with_images_equal_the_training_layout(method, tiny_folder
                                      image_size=32, patch_size=8)).save_pretrained(str(clip))
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(clip))
     model, tok = la.load_pretrained(tiny_folder)
-    la.attach(model, MULTIMODAL[method](f"clip:{clip}"))
+    la.attach(model, MULTIMODAL[method](f"clip:{clip}"), tokenizer=tok)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for prm in la.trainable_parameters(model).values():

@@ -23,12 +23,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="a Hugging Face folder, a .gguf file or an embedded name (default: the adapter's base "
                         "model, else smollm2-135m)")
-    p.add_argument("--adapter", default=None, help="an adapter checkpoint folder to load on top")
+    p.add_argument("--adapter", default=None,
+                   help="an adapter to load on top: our folder, a PEFT folder, or a reference .pth (LLaMA-Adapter "
+                        "V1/V2 release, LaVIN; give --model for those); see docs/checkpoints.md")
+    p.add_argument("--vision", default=None,
+                   help="clip:<folder>: the CLIP a V2 release's or LaVIN's visual side was trained with")
+    p.add_argument("--skip-visual", action="store_true",
+                   help="load a V2 release or LaVIN checkpoint without its visual side (text only)")
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (fp16 only on a GPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (torch.compile; plain or folded models only, else eager)")
+    p.add_argument("--force", action="store_true",
+                   help="load an adapter whose recorded base model differs by name or shape (its tensors must "
+                        "still fit)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -46,18 +55,27 @@ def sampling_kwargs(a: argparse.Namespace) -> dict:
 
 
 def load_model(a: argparse.Namespace):
-    import llama_adapter as la
+    """The base model with `--adapter` on top, in any format interop reads (detected)."""
+    from pathlib import Path
+
     from llama_adapter.device import set_threads
+    from llama_adapter.interop import base_of, load_adapter
+    from llama_adapter.methods.io import load_adapted
 
     set_threads(a.threads)
-    name = a.model
-    if name is None:
-        from llama_adapter.methods.io import read_adapter_config
+    if a.adapter and Path(a.adapter).expanduser().is_dir():
+        from llama_adapter.checksum import verify_checksums
 
-        name = (read_adapter_config(a.adapter).get("base_model") if a.adapter else None) or "smollm2-135m"
-    model, tok = la.load_pretrained(name, dtype=a.dtype, device=a.device)
+        verify_checksums(Path(a.adapter).expanduser())  # a damaged adapter is refused before the base model loads
+    name = a.model
+    if a.adapter and name is None:
+        name = base_of(a.adapter)
+        if name is None and not Path(a.adapter).expanduser().is_dir():
+            raise ValueError(f"{a.adapter} does not name its base model: give it with --model")
+    model, tok = load_adapted(None, name, dtype=a.dtype, device=a.device)
     if a.adapter:
-        la.load_adapter(model, a.adapter)
+        load_adapter(model, a.adapter, tokenizer=tok, force=getattr(a, "force", False),
+                     vision=getattr(a, "vision", None), skip_visual=getattr(a, "skip_visual", False))
     if getattr(a, "compile", False):
         from llama_adapter.model.fastpath import enable_compiled_decode
 
@@ -70,6 +88,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     import llama_adapter as la
     from llama_adapter.experts import expert_prompt_ids, load_expert
     from llama_adapter.generate import Sampling, stream_ids
+    from llama_adapter.model.attached import takes_images
 
     model, tok = load_model(a)
     chat = tok.has_chat_template if a.chat is None else a.chat
@@ -78,7 +97,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if len(images) > len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     experts = [load_expert(s) for s in a.expert]
-    sees = getattr(model.adapter, "prepare_inputs", None) is not None
+    sees = takes_images(model)  # else the experts' texts are all the model gets of the image
     for i, prompt in enumerate(prompts):
         if len(prompts) > 1:
             print(f"### {i + 1}: {prompt}")
@@ -137,13 +156,27 @@ def cmd_chat(a: argparse.Namespace) -> int:
 @command("finetune")
 def cmd_finetune(a: argparse.Namespace) -> int:
     from llama_adapter.recipe import load_recipe
-    from llama_adapter.train.run import run_recipe
+    from llama_adapter.runner import run_recipe
 
     recipe = load_recipe(a.recipe, a.overrides)
     result, _, _ = run_recipe(recipe)
     val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
     print(f"done: {result.steps} steps in {result.seconds:.1f}s, last train loss {result.train_loss:.4f}, "
           f"validation loss {val}; adapter in {result.out_dir}")
+    return 0
+
+
+@command("sweep")
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from llama_adapter.sweep import EvalSpec, parse_grid, run_sweep
+
+    spec = EvalSpec(a.eval, problems=a.problems, images=a.images, file=a.eval_file, limit=a.eval_limit,
+                    mode=a.mode, answer_form=a.answer_form, template=a.template)
+    devices = [d.strip() for d in a.devices.split(",") if d.strip()] if a.devices else []
+    result = run_sweep(a.recipe, parse_grid(a.grid), spec, a.out, seeds=a.seeds, devices=devices,
+                       overrides=a.overrides)
+    print((result.out / "results.md").read_text())
+    print(f"{len(result.ran)} run(s) trained now; table, plot and runs in {result.out}")
     return 0
 
 
@@ -160,25 +193,25 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+@command("convert")
+def cmd_convert(a: argparse.Namespace) -> int:
+    from llama_adapter.interop import convert
+
+    out = convert(a.src, a.out, base=a.model, from_format=a.from_format, to=a.to, skip_visual=a.skip_visual,
+                  prompt_len=a.prompt_len, temperature=a.lavin_temperature, dtype=a.dtype, vision=a.vision)
+    print(f"wrote the adapter ({a.to} format) to {out}")
+    return 0
+
+
 @command("params")
 def cmd_params(a: argparse.Namespace) -> int:
     import json
 
-    import torch
-
-    import llama_adapter as la
-    from llama_adapter.model.load import build_model
     from llama_adapter.recipe import load_recipe
+    from llama_adapter.runner import parameter_counts, recipe_memory
 
     recipe = load_recipe(a.recipe, a.overrides)
-    model = build_model(recipe.model_config(), device="meta")
-    total = sum(p.numel() for p in model.parameters())
-    with torch.device("meta"):
-        la.attach(model, recipe.method_config())
-    groups = {g: sum(dict(model.named_parameters())[n].numel() for n in names)
-              for g, names in model.adapter.groups.items()}
-    print(json.dumps({"method": recipe.method["name"], "trainable": la.count_trainable(model),
-                      "groups": groups, "base": total}, indent=2))
+    print(json.dumps({**parameter_counts(recipe), "memory_estimate": recipe_memory(recipe, a.devices)}, indent=2))
     return 0
 
 
@@ -207,17 +240,10 @@ def cmd_data(a: argparse.Namespace) -> int:
 
 def select_scienceqa(a: argparse.Namespace) -> list:
     """The problems that --problems/--images/--split/--protocol/--missing-images/--limit choose (eval and data)."""
-    from llama_adapter.eval.scienceqa import PROTOCOLS, load_scienceqa
+    from llama_adapter.eval.selection import select_scienceqa as select
 
-    missing = a.missing_images or ("text" if a.protocol == "dev-train" else "error")
-    split = a.split or ("dev" if a.protocol == "dev-val" else None)  # validation problems are all dev problems
-    problems = load_scienceqa(a.problems, a.images, split=split, missing_images=missing)
-    if a.protocol:
-        problems = PROTOCOLS[a.protocol](problems)
-    problems = problems[:a.limit] if a.limit else problems
-    if not problems:
-        raise ValueError(f"{a.problems}: no problems left (check --split / --protocol)")
-    return problems
+    return select(a.problems, a.images, split=a.split, protocol=a.protocol, missing_images=a.missing_images,
+                  limit=a.limit)
 
 
 @command("eval")
@@ -250,7 +276,7 @@ def cmd_eval_compare(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from llama_adapter.demo import run_demo
 
-    return run_demo(a.out, a.steps, a.images)
+    return run_demo(out=a.out, steps=a.steps, images=a.images, test_images=a.test_images)
 
 
 def add_scienceqa_args(p: argparse.ArgumentParser) -> None:
@@ -346,26 +372,81 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("a", help="the first predictions JSONL")
     cp.add_argument("b", help="the second predictions JSONL")
 
-    d = sub.add_parser("demo", help="fine-tune V1 multimodal on synthetic images and answer questions about them")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=160)
-    d.add_argument("--images", type=int, default=800, help="synthetic training images")
+    from llama_adapter.demo import DemoConfig
+
+    d = sub.add_parser("demo", help="fine-tune V1 multimodal on synthetic shapes, then answer held-out questions "
+                                    "with each image and with a blank one (a few minutes on a CPU)")
+    d.add_argument("--out", default=DemoConfig.out, help="folder for the synthetic set and the adapter "
+                                                         "(default: %(default)s)")
+    d.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps (default: %(default)s)")
+    d.add_argument("--images", type=int, default=DemoConfig.images,
+                   help="synthetic training images (default: %(default)s)")
+    d.add_argument("--test-images", type=int, default=DemoConfig.test_images,
+                   help="held-out images, asked with the image and with a blank one (default: %(default)s)")
+
+    sw = sub.add_parser("sweep", help="an ablation grid: train every setting x seed of a recipe, evaluate, and write "
+                                      "a table with paired tests and the loss curves (docs/ablations.md)")
+    sw.add_argument("--recipe", required=True, help="the YAML recipe every run starts from")
+    sw.add_argument("--grid", action="append", required=True,
+                    help="KEY=V1,V2,...: a dotted recipe override and its values (repeatable: the product is run)")
+    sw.add_argument("--seeds", type=int, default=3, help="runs per setting, train.seed 0..N-1 (default 3)")
+    sw.add_argument("--eval", required=True, choices=("scienceqa", "alpaca-nll", "synth"),
+                    help="scienceqa: dev-protocol validation accuracy; alpaca-nll: held-out response NLL; "
+                         "synth: synthetic VQA accuracy")
+    sw.add_argument("--out", default="runs/sweep", help="the sweep's folder (rerun with the same one to resume)")
+    sw.add_argument("--devices", default=None,
+                    help="comma-separated devices (cuda:0,cuda:1): one run at a time on each (default: one machine, "
+                         "sequential, the recipe's device)")
+    sw.add_argument("--problems", default=None, help="scienceqa: problems.json")
+    sw.add_argument("--images", default=None, help="scienceqa: the images folder")
+    sw.add_argument("--eval-file", default=None,
+                    help="synth: the test JSON; alpaca-nll: an Alpaca file (default: the recipe's validation examples)")
+    sw.add_argument("--eval-limit", type=int, default=None, help="only the first N evaluation examples")
+    sw.add_argument("--mode", choices=("generate", "ranked"), default="ranked", help="scienceqa scoring")
+    sw.add_argument("--answer-form", choices=("letter", "choice"), default="letter", help="scienceqa answer form")
+    sw.add_argument("--template", choices=("chat", "plain"), default=None,
+                    help="prompt layout for scienceqa/synth (default: the recipe's data template)")
+    sw.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
 
     ex = sub.add_parser("export", help="fold an adapter into the weights and write a Hugging Face folder")
     add_model_args(ex)
     ex.add_argument("--out", required=True)
 
-    pc = sub.add_parser("params", help="count a recipe's trainable parameters (no weights needed)")
+    cv = sub.add_parser("convert", help="convert an adapter (reference .pth releases, LaVIN, PEFT, ours) to our "
+                                        "format or PEFT's (see docs/checkpoints.md)")
+    cv.add_argument("src", help="an adapter folder or .pth file")
+    cv.add_argument("--out", required=True)
+    cv.add_argument("--model", default=None, help="its base model (default: the one the adapter folder names)")
+    cv.add_argument("--from", dest="from_format", default=None,
+                    choices=["ours", "v1-release", "v2-release", "lavin", "peft-prompt", "peft-lora"],
+                    help="the source format (default: detected)")
+    cv.add_argument("--to", default="ours", choices=["ours", "peft"])
+    cv.add_argument("--skip-visual", action="store_true",
+                    help="drop the visual parts of a V2 release or LaVIN checkpoint (load the language side alone)")
+    cv.add_argument("--vision", default=None,
+                    help="clip:<folder>: the CLIP a V2 release's or LaVIN's visual side was trained with (maps it)")
+    cv.add_argument("--prompt-len", type=int, default=None, help="prompt rows per layer of a release (default 10)")
+    cv.add_argument("--lavin-temperature", type=float, default=None, help="LaVIN's routing temperature")
+    cv.add_argument("--dtype", default=None, help="the base model's dtype while converting (default fp32)")
+
+    pc = sub.add_parser("params", help="count a recipe's trainable parameters and estimate its memory per device "
+                                       "(no weights needed)")
     pc.add_argument("--recipe", default=None)
+    pc.add_argument("--devices", type=int, default=8, help="devices the fsdp estimate shards the base over (default 8)")
     pc.add_argument("overrides", nargs="*")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llama_adapter.train.faults import CheckpointWriteError, NonFiniteStop, TrainingInterrupted
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError) as e:
+    except TrainingInterrupted as e:  # a checkpoint was written: exit code 75 says "rerun to resume"
+        print(f"llama-adapter {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except (FileNotFoundError, ValueError, NonFiniteStop, CheckpointWriteError) as e:
         print(f"llama-adapter {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

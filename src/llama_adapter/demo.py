@@ -1,53 +1,163 @@
-"""`llama-adapter demo`: the main job on the embedded defaults, end to end, in a few minutes.
+"""`llama-adapter demo`: the main job on the embedded defaults, end to end, in a few minutes on a CPU.
 
-Writes a small synthetic visual instruction set, fine-tunes LLaMA-Adapter V1 multimodal
-(SmolLM2-135M + EfficientNet-Lite0, both frozen) on it, and answers questions about held-out
-images, printing the question, the answer, the reference and the image path.
+Writes a small synthetic set of coloured shapes, fine-tunes LLaMA-Adapter V1 multimodal
+(SmolLM2-135M + EfficientNet-Lite0, both frozen; recipes/v1mm_smollm2_synth_demo.yaml) on
+one-question-per-image records of a few question types, then asks the held-out images' questions
+twice: with the image, and with a blank grey image of the same size in its place. A model that
+uses the picture scores far above chance with it and drops to chance without it; the answers for
+a few held-out images and the loss curve show the rest. The frozen encoder's features are cached
+on disk (under $LLAMA_ADAPTER_CACHE), so a second run skips the encoder.
 """
 
 from __future__ import annotations
 
-import random
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "v1mm_smollm2_synth_cpu.yaml"
+if TYPE_CHECKING:
+    from .data.multimodal import Conversation
+    from .eval.vqa import VQAResult
+    from .train.trainer import TrainResult
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "v1mm_smollm2_synth_demo.yaml"
+QTYPES = ("colour", "shape", "count")
 
 
-def run_demo(out: str = "runs/demo", steps: int = 160, n_images: int = 800, n_show: int = 8) -> int:
-    from .data.multimodal import prompt_ids, read_llava, stop_strings
-    from .data.synth import normalise_answer, synthesize
-    from .eval.vqa import evaluate_vqa
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    steps: int = 160
+    images: int = 320  # synthetic training images (each gives one record per question type asked about it)
+    test_images: int = 80
+    qtypes: tuple[str, ...] = QTYPES
+    show: int = 6  # held-out images whose answers are printed
+    recipe: str = str(RECIPE)
+    overrides: tuple[str, ...] = ()  # recipe overrides, "train.lr=0.01"
+
+
+def chance(qtype: str) -> float:
+    """Accuracy of a uniform guess among the answers a question type allows."""
+    from .data.synth import COLOURS, KINDS
+
+    return {"colour": 1 / len(COLOURS), "colour_of": 1 / len(COLOURS), "shape": 1 / len(KINDS),
+            "count": 1 / 4}.get(qtype, 1 / 2)
+
+
+def one_question_records(llava_train: Path, qtypes: tuple[str, ...], out: Path) -> Path:
+    """Split the synthetic set's multi-question training records into one record per (image, question)
+    of the chosen types, the layout of the test questions. Every image has a count question but only
+    one in four a colour and a shape question (those of single shapes), so the rarer types' records are
+    repeated until each type has as many as the most frequent: a short run sees them all as often."""
+    rows = json.loads(llava_train.read_text())
+    records: list[dict[str, Any]] = []
+    for r in rows:
+        turns = r["conversations"]
+        for j, qtype in enumerate(r["qtypes"]):
+            if qtype in qtypes:
+                human = "<image>\n" + turns[2 * j]["value"].replace("<image>\n", "")
+                records.append({"id": f"{r['id']}_{qtype}", "image": r["image"], "qtype": qtype,
+                                "conversations": [{"from": "human", "value": human},
+                                                  {"from": "gpt", "value": turns[2 * j + 1]["value"]}]})
+    by_type = {q: [r for r in records if r["qtype"] == q] for q in qtypes}
+    most = max(map(len, by_type.values()))
+    balanced = [rs[i % len(rs)] for rs in by_type.values() if rs for i in range(most)]
+    out.write_text(json.dumps(balanced, indent=0) + "\n")
+    return out
+
+
+def synthetic_set(folder: Path, images: int, test_images: int) -> Path:
+    """The synthetic set in `folder`, written unless one of the same size is there already."""
+    from .data.synth import synthesize
+
+    meta = folder / "meta.json"
+    if meta.is_file():
+        counts = json.loads(meta.read_text())["counts"]
+        if (counts["train_images"], counts["test_images"]) == (images, test_images):
+            return folder
+    synthesize(folder, images, seed=0, n_test=test_images, ocr_words=0, overwrite=True)
+    return folder
+
+
+def loss_summary(log: Path, points: int = 6) -> str:
+    """The training loss at a few steps (mean of the steps around each), from the run's log.jsonl."""
+    losses = [r["loss"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r]
+    if not losses:
+        return "no losses logged"
+    marks = sorted({round(i * (len(losses) - 1) / (points - 1)) for i in range(points)})
+    width = max(1, len(losses) // 20)
+    cells = []
+    for m in marks:
+        near = losses[max(0, m - width): m + width + 1]
+        cells.append(f"step {m + 1}: {sum(near) / len(near):.2f}")
+    return ", ".join(cells)
+
+
+@dataclass
+class DemoResult:
+    test: list[Conversation]  # the held-out questions asked, in order
+    with_image: VQAResult
+    blank: VQAResult  # the same questions with a blank grey image of the same size instead
+    train: TrainResult
+    seconds: float  # all of it: data, training, answering
+    answer_seconds: float
+
+
+def train_and_score(cfg: DemoConfig) -> DemoResult:
+    """Write the data, train the recipe's adapter, answer the held-out questions with and without the image."""
+    from .data.multimodal import read_llava
+    from .eval.vqa import evaluate_with_blank_control
     from .recipe import load_recipe
-    from .train.run import run_recipe
+    from .runner import run_recipe
 
-    out_dir = Path(out)
-    synth = out_dir / "synth"
     t0 = time.perf_counter()
-    if not (synth / "meta.json").is_file():
-        synthesize(synth, n_images, seed=0, n_test=100, overwrite=True)
-    print(f"synthetic set: {synth} ({n_images} training images)")
-    recipe = load_recipe(RECIPE, [f"data.train={synth / 'llava_train.json'}", f"train.out_dir={out_dir / 'v1mm'}",
-                                  f"train.max_steps={steps}", "train.save_every=0"])
+    out = Path(cfg.out)
+    synth = synthetic_set(out / "synth", cfg.images, cfg.test_images)
+    train_file = one_question_records(synth / "llava_train.json", cfg.qtypes, synth / "demo_train.json")
+    test = [r for r in read_llava(synth / "llava_test.json") if r.meta["qtype"] in cfg.qtypes]
+    print(f"synthetic shapes: {cfg.images} training / {cfg.test_images} held-out images in {synth}; "
+          f"questions: {', '.join(cfg.qtypes)}", flush=True)
+    recipe = load_recipe(cfg.recipe, [f"data.train={train_file}", f"train.out_dir={out / 'adapter'}",
+                                      f"train.max_steps={cfg.steps}", "train.resume=false", *cfg.overrides])
     result, model, tok = run_recipe(recipe)
+    t1 = time.perf_counter()
     src = recipe.data[0]
+    looked, blind = evaluate_with_blank_control(model, tok, synth / "llava_test.json", src.template,
+                                                src.image_placeholder, qtypes=set(cfg.qtypes), batch_size=32,
+                                                max_new_tokens=4)  # "Yellow." and its end of turn
+    t2 = time.perf_counter()
+    return DemoResult(test, looked, blind, result, t2 - t0, t2 - t1)
 
-    test = [r for r in read_llava(synth / "llava_test.json") if r.meta["qtype"] in ("colour", "shape", "count")]
-    picks = random.Random(0).sample(test, min(n_show, len(test)))
-    from .generate import Sampling, complete_ids
 
-    ids = [prompt_ids(tok, r.turns[0][0], src.template, src.image_placeholder, True) for r in picks]
-    sampling = Sampling(max_new_tokens=8, stop=stop_strings(src.template))
-    replies = complete_ids(model, tok, ids, sampling, [r.image for r in picks])
-    print("\nheld-out images:")
-    for r, reply in zip(picks, replies):
-        mark = "ok " if normalise_answer(reply) == normalise_answer(r.meta["answer"]) else "XX "
-        print(f"  {mark}{r.image}\n      Q: {r.turns[0][0]}\n"
-              f"      A: {reply.strip()}   (reference: {r.meta['answer']})")
-    single = evaluate_vqa(model, tok, synth / "llava_test.json", src.template, src.image_placeholder,
-                          qtypes={"colour", "shape"})
-    print(f"\nsingle-shape colour/shape accuracy on {sum(single.counts.values())} held-out questions: "
-          f"{single.accuracy:.0%} ({', '.join(f'{k} {v:.0%}' for k, v in single.by_type.items())})")
-    print(f"loss curve: {result.out_dir / 'loss.png'}; adapter: {result.out_dir}; "
-          f"total {time.perf_counter() - t0:.0f}s")
+def report(r: DemoResult, show: int) -> str:
+    """The accuracy table (with the image, blank, chance), a few held-out images' answers, the loss curve."""
+    lines = [f"held-out questions ({len(r.test)}): accuracy with the image | with a blank grey image instead | chance"]
+    for q, acc in r.with_image.by_type.items():
+        lines.append(f"  {q:8s} {r.with_image.counts[q]:4d}   {acc:6.1%} | {r.blank.by_type[q]:6.1%} | "
+                     f"{chance(q):4.0%}")
+    lines.append(f"  {'all':8s} {len(r.test):4d}   {r.with_image.accuracy:6.1%} | {r.blank.accuracy:6.1%}")
+    lines += ["", "answers for a few held-out images (with the image | with the blank one):"]
+    by_image: dict[Path | None, list[int]] = {}
+    for i, rec in enumerate(r.test):
+        by_image.setdefault(rec.image, []).append(i)
+    for image, rows in list(by_image.items())[:show]:
+        lines.append(f"  {image}")
+        for i in rows:
+            seen, blank = r.with_image.predictions[i], r.blank.predictions[i]
+            lines.append(f"    {r.test[i].turns[0][0]:34s} {'ok' if seen['correct'] else 'XX'} "
+                         f"{seen['reply'].strip():10s} | {blank['reply'].strip():10s} (reference: {seen['answer']})")
+    out = r.train.out_dir
+    lines += ["", f"training loss: {loss_summary(out / 'log.jsonl')}",
+              f"loss curve: {out / 'loss.png'}; adapter: {out}",
+              f"time: {r.seconds:.0f} s ({r.train.seconds:.0f} s training {r.train.steps} steps, "
+              f"{r.answer_seconds:.0f} s answering {2 * len(r.test)} questions)"]
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig | None = None, **options: Any) -> int:
+    """`llama-adapter demo`: options override DemoConfig's fields."""
+    cfg = cfg or DemoConfig(**options)
+    print("\n" + report(train_and_score(cfg), cfg.show))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     """Mixed-precision context: autocast to a low-precision dtype, a no-op for fp32/None."""
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
@@ -68,5 +69,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def set_threads(n: int | None) -> None:
+    """Set torch's CPU thread count; None or 0 keeps the default."""
     if n:
         torch.set_num_threads(n)

@@ -30,7 +30,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp_path)`, fsync the result and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,10 +51,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically (see `atomic_write`)."""
     return atomic_write(path, lambda p: p.write_text(text))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON to `path` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
@@ -102,7 +104,7 @@ def read_json_lines(path: str | Path, what: str = "file") -> list[tuple[int, Any
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines(): U+2028 in strings
         if line.strip():
             try:
                 out.append((n, json.loads(line)))

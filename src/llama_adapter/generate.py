@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .batch import PreparedBatch
+from .model.attached import prepares_inputs
 from .model.fastpath import compiled_decode_of
 from .model.fused import fuse_projections
 from .model.llama import LlamaLM
@@ -67,29 +69,14 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     return ids.to(device), mask.to(device)
 
 
-@dataclass
-class PreparedBatch:
-    """What the model is fed for a prompt batch: embeddings (or ids), mask and method inputs."""
-
-    input_ids: torch.Tensor | None
-    inputs_embeds: torch.Tensor | None
-    attention_mask: torch.Tensor
-    extras: dict[str, Any]
-
-    @property
-    def length(self) -> int:
-        return self.attention_mask.shape[1]
-
-
 def prepare_prompts(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequence[int]],
                     images: Sequence[Any] | None) -> PreparedBatch:
     """Left-pad the prompts; an attached method may insert its own tokens (images, modality)."""
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("empty prompt")
     ids, mask = left_pad(prompt_ids, tok.pad_id, model.device)
-    prepare = getattr(model.adapter, "prepare_inputs", None)
-    if prepare is not None:
-        return prepare(model, ids, mask, images)
+    if prepares_inputs(model):
+        return model.adapter.prepare_inputs(model, ids, mask, images)
     if images is not None and any(im is not None for im in images):
         raise ValueError("images were given, but the model has no visual adapter attached")
     return PreparedBatch(ids, None, mask, {})

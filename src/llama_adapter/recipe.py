@@ -27,6 +27,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class Recipe:
+    """A training run as data: the base model, the method's options, the data sources and the train settings."""
+
     model: str = "smollm2-135m"
     shape: str | None = None  # a key of SHAPES, for counting without weights
     method: dict[str, Any] = field(default_factory=lambda: {"name": "adapter_v1"})
@@ -61,18 +63,19 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node: Any = tree
     for i, k in enumerate(keys):
         last = i == len(keys) - 1
+        key: str | int = k
         if isinstance(node, list):
             if not k.isdigit() or int(k) >= len(node):
                 raise ValueError(f"override {dotted!r}: {k!r} is not an index of the {len(node)} entries")
-            k = int(k)
+            key = int(k)
         elif not isinstance(node, dict):
             raise ValueError(f"override {dotted!r}: {keys[i - 1]!r} is not a section")
         if last:
-            node[k] = value
+            node[key] = value
         else:
-            if isinstance(node, dict) and k not in node:
-                node[k] = {}
-            node = node[k]
+            if isinstance(node, dict) and key not in node:
+                node[key] = {}
+            node = node[key]
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
@@ -116,6 +119,7 @@ def recipe_from_dict(tree: dict[str, Any], source: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """A recipe from a YAML file (or none: the defaults) with `section.key=value` overrides applied, validated."""
     tree: dict[str, Any] = {}
     source = "command line"
     if path:

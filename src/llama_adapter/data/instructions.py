@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from ..model.tokenizer import Tokenizer
+from .formats import InstructionRecord
 from .templates import render_prompt
 from .tokenize import Example, PromptTooLong, encode_pair
 
@@ -23,7 +25,8 @@ def report_long_prompts(messages: list[str], cfg: Any) -> None:
     log.warning("skipping %d record(s) whose prompts fill max_len=%d:\n  %s", len(messages), cfg.max_len, listing)
 
 
-def encode_records(records, tok: Tokenizer, cfg: Any) -> list[Example]:
+def encode_records(records: Sequence[InstructionRecord], tok: Tokenizer, cfg: Any) -> list[Example]:
+    """Instruction records -> Examples with the prompt masked from the loss; over-long prompts as cfg says."""
     examples, too_long = [], []
     for r in records:
         prompt, special = render_prompt(cfg.template, tok, r.instruction, r.input)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from ..model.tokenizer import Tokenizer
-from .formats import object_records
 from .tokenize import IGNORE, Batch, PromptTooLong, collate
+from .validate import DataError, ImageChecker, parse_records, text_field, where
 
 IMAGE_TAG = "<image>"
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}  # LLaVA names, and chat aliases
@@ -43,18 +43,10 @@ class Conversation:
 
 @dataclass
 class CaptionRecord:
+    """One image-caption pair of a captions file (image path resolved), and where it came from."""
     image: Path
     caption: str
     source: str
-
-
-def _image_path(value: Any, base: Path, where: str, check_files: bool) -> Path:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: field 'image' must be a non-empty string (a path), got {value!r}")
-    image = base / value
-    if check_files and not image.is_file():
-        raise FileNotFoundError(f"{where}: image file not found: {image}")
-    return image
 
 
 def _strip_tag(text: str) -> str:
@@ -69,7 +61,7 @@ def _parse_turns(conv: Any, where: str, has_image: bool) -> tuple[list[tuple[str
     for j, msg in enumerate(conv):
         if not isinstance(msg, dict) or not isinstance(msg.get("value"), str):
             raise ValueError(f"{where}: turn {j} must be an object with a string 'value'")
-        role, expected = ROLES.get(msg.get("from")), ("human", "gpt")[j % 2]
+        role, expected = ROLES.get(msg.get("from", "")), ("human", "gpt")[j % 2]
         if role != expected:
             raise ValueError(f"{where}: turn {j} is from {msg.get('from')!r}, expected {expected!r} "
                              f"(turns alternate human, gpt, starting with human)")
@@ -86,35 +78,43 @@ def _parse_turns(conv: Any, where: str, has_image: bool) -> tuple[list[tuple[str
     return list(zip(texts[0::2], texts[1::2])), IMAGE_TAG in conv[0]["value"]
 
 
-def read_llava(path: str | Path, image_root: str | Path | None = None,
-               check_files: bool = True) -> list[Conversation]:
-    """LLaVA conversation records (JSON list or JSONL); image paths relative to `image_root`
-    (default: the folder of the file)."""
+def read_llava(path: str | Path, image_root: str | Path | None = None, check_files: bool = True,
+               on_bad_record: str = "error") -> list[Conversation]:
+    """LLaVA conversation records (JSON list or JSONL); image paths relative to `image_root` (default: the folder
+    of the file), never outside it. Each record is validated (data.validate: a DataError naming the record and
+    field; on_bad_record="skip" logs and leaves out bad records)."""
     path = Path(path)
-    base = Path(image_root) if image_root is not None else path.parent
-    out = []
-    for i, where, r in object_records(path):
-        if "id" in r:
-            where += f" (id {r['id']!r})"
-        image = None if r.get("image") is None else _image_path(r["image"], base, where, check_files)
-        turns, tag = _parse_turns(r.get("conversations"), where, image is not None)
+    images = ImageChecker(Path(image_root) if image_root is not None else path.parent, check_files)
+
+    def parse(i: int, r: dict[str, Any]) -> Conversation:
+        w = where(path, i) + (f" (id {r['id']!r})" if "id" in r else "")
+        image = None if r.get("image") is None else images(r["image"], path, i, w=w)
+        conv = r.get("conversations")
+        try:
+            turns, tag = _parse_turns(conv, w, image is not None)
+        except DataError:
+            raise
+        except ValueError as e:
+            raise DataError(str(e), path, i, "conversations") from e
+        for j, msg in enumerate(conv if isinstance(conv, list) else []):
+            text_field(msg, "value", path, i, allow_empty=j % 2 == 0, label=f"conversations[{j}].value")
         meta = {k: v for k, v in r.items() if k not in ("image", "conversations")}
-        out.append(Conversation(image, turns, f"{path}#{i}", meta, tag))
-    return out
+        return Conversation(image, turns, f"{path}#{i}", meta, tag)
+
+    return parse_records(path, parse, on_bad_record)
 
 
-def read_captions(path: str | Path, image_root: str | Path | None = None,
-                  check_files: bool = True) -> list[CaptionRecord]:
-    """Records {"image", "caption"} (JSONL or a JSON list); image paths as in `read_llava`."""
+def read_captions(path: str | Path, image_root: str | Path | None = None, check_files: bool = True,
+                  on_bad_record: str = "error") -> list[CaptionRecord]:
+    """Records {"image", "caption"} (JSONL or a JSON list); image paths and validation as in `read_llava`."""
     path = Path(path)
-    base = Path(image_root) if image_root is not None else path.parent
-    out = []
-    for i, where, r in object_records(path):
-        if not isinstance(r.get("caption"), str) or not r["caption"].strip():
-            raise ValueError(f"{where} has no non-empty string field 'caption'")
-        out.append(CaptionRecord(_image_path(r.get("image"), base, where, check_files), r["caption"],
-                                 f"{path}#{i}"))
-    return out
+    images = ImageChecker(Path(image_root) if image_root is not None else path.parent, check_files)
+
+    def parse(i: int, r: dict[str, Any]) -> CaptionRecord:
+        caption = text_field(r, "caption", path, i)
+        return CaptionRecord(images(r.get("image"), path, i), caption, f"{path}#{i}")
+
+    return parse_records(path, parse, on_bad_record)
 
 
 def caption_conversation(rec: CaptionRecord, instruction: str = "Describe the image briefly.") -> Conversation:
@@ -124,6 +124,7 @@ def caption_conversation(rec: CaptionRecord, instruction: str = "Describe the im
 
 @dataclass
 class MultimodalExample:
+    """One tokenized conversation with its image: the Example fields plus the image path (None: text only)."""
     input_ids: list[int]
     labels: list[int]  # IGNORE on human turns and template text; the replies and their end-of-turn are trained
     image: Path | None  # None: text only
@@ -139,6 +140,7 @@ class MultimodalBatch(Batch):
     has_image: torch.Tensor  # bool [B]
 
     def to(self, device: torch.device) -> MultimodalBatch:
+        """The batch with its tensors on `device` (image paths stay paths)."""
         return MultimodalBatch(self.input_ids.to(device), self.labels.to(device), self.kind, self.n_label_tokens,
                                self.images, self.has_image.to(device))
 

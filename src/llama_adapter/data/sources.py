@@ -8,18 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from ..model.tokenizer import Tokenizer
 from .formats import read_alpaca
 from .instructions import encode_records, report_long_prompts
 from .multimodal import MM_TEMPLATES, caption_conversation, encode_conversation, read_captions, read_llava
 from .tokenize import Example, PromptTooLong
+from .validate import ON_BAD_RECORD
 
 FORMATS = ("alpaca", "llava", "captions")
 
 
 @dataclass
 class DataConfig:
+    """One data source of a recipe: its files, format, data kind, template and length limits."""
     train: str = ""
     format: str = "alpaca"  # "alpaca", "llava" (conversations, images optional), "captions" (JSONL image+caption)
     kind: str = ""  # data kind (default: "instruction" for alpaca, "vqa" for llava, "caption" for captions)
@@ -31,6 +34,7 @@ class DataConfig:
     caption_instruction: str = "Describe the image briefly."
     max_len: int = 512
     on_long_prompt: str = "error"  # "error", or "skip" (and report the records)
+    on_bad_record: str = "error"  # a malformed record: "error" (naming it), or "skip" (logging each and the count)
     limit: int | None = None  # use only the first N records
 
     def __post_init__(self) -> None:
@@ -44,16 +48,20 @@ class DataConfig:
         self.kind = self.kind or {"alpaca": "instruction", "llava": "vqa", "captions": "caption"}[self.format]
         if self.on_long_prompt not in ("error", "skip"):
             raise ValueError(f"on_long_prompt must be 'error' or 'skip', got {self.on_long_prompt!r}")
+        if self.on_bad_record not in ON_BAD_RECORD:
+            raise ValueError(f"on_bad_record must be one of {', '.join(ON_BAD_RECORD)}, got {self.on_bad_record!r}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
 
 
 def _read(cfg: DataConfig, path: str) -> list:
+    bad = cfg.on_bad_record
     if cfg.format == "alpaca":
-        return read_alpaca(Path(path))
+        return read_alpaca(Path(path), on_bad_record=bad)
     if cfg.format == "llava":
-        return read_llava(path, image_root=cfg.image_root)
-    return [caption_conversation(r, cfg.caption_instruction) for r in read_captions(path, image_root=cfg.image_root)]
+        return read_llava(path, image_root=cfg.image_root, on_bad_record=bad)
+    return [caption_conversation(r, cfg.caption_instruction)
+            for r in read_captions(path, image_root=cfg.image_root, on_bad_record=bad)]
 
 
 def _encode(cfg: DataConfig, tok: Tokenizer, records: list) -> list[Example]:
@@ -66,7 +74,9 @@ def _encode(cfg: DataConfig, tok: Tokenizer, records: list) -> list[Example]:
         except PromptTooLong as e:
             too_long.append(str(e))
     report_long_prompts(too_long, cfg)
-    return out
+    # a MultimodalExample has every field of an Example (ids, labels, source, kind) plus its image, which
+    # collate_multimodal reads: the trainer takes both kinds as Examples
+    return cast(list[Example], out)
 
 
 def load_source(cfg: DataConfig, tok: Tokenizer) -> tuple[list[Example], list[Example]]:

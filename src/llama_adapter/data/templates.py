@@ -18,6 +18,7 @@ TEMPLATES = ("alpaca", "chat")
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt text, with the input section only when there is an input."""
     if input.strip():
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
     return ALPACA_NO_INPUT.format(instruction=instruction)

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..batch import IGNORE, Batch, Example
 from ..model.tokenizer import Tokenizer
 
-IGNORE = -100
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE where no loss is taken
-    source: str
-    kind: str = "instruction"
+# IGNORE, Batch and Example live in batch.py (methods and the loss use them too); re-exported here
+__all__ = ["IGNORE", "Batch", "Example", "PromptTooLong", "collate", "encode_pair"]
 
 
 class PromptTooLong(ValueError):
@@ -39,21 +31,6 @@ def encode_pair(tok: Tokenizer, prompt: str, response: str, max_len: int, source
     ids = (p + r)[:max_len]
     labels = ([IGNORE] * len(p) + r)[:max_len]
     return Example(ids, labels, source, kind)
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, T], right-padded
-    labels: torch.Tensor  # [B, T], IGNORE at prompt and padding
-    kind: str
-    n_label_tokens: int
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.kind, self.n_label_tokens)
-
-    @property
-    def n_tokens(self) -> int:
-        return self.input_ids.numel()
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:

@@ -18,10 +18,12 @@ _WORD = re.compile(r"[0-9a-z]+(?:'[0-9a-z]+)*")
 
 
 def tokenize(text: str) -> list[str]:
+    """Lower-case words and numbers (apostrophes kept inside words), punctuation dropped."""
     return _WORD.findall(text.lower())
 
 
 def ngrams(words: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
+    """Counts of the n-grams of `words`."""
     return Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
 
 
@@ -77,6 +79,7 @@ def bleu(candidates: Sequence[str] | Mapping[str, str],
 
 def bleu4(candidates: Sequence[str] | Mapping[str, str],
           references: Sequence[Sequence[str]] | Mapping[str, Sequence[str]]) -> float:
+    """Corpus BLEU-4 (`bleu` with n = 4)."""
     return bleu(candidates, references, 4)
 
 

@@ -11,7 +11,7 @@ from ..data.formats import InstructionRecord, read_alpaca
 from ..data.instructions import encode_records
 from ..data.sources import DataConfig
 from ..data.tokenize import collate
-from ..train.trainer import lm_loss
+from ..loss import lm_loss
 
 
 def held_out_alpaca(train_file: str | Path, pool_file: str | Path, n: int | None = None) -> list[InstructionRecord]:

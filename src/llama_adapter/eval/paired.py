@@ -32,9 +32,11 @@ class PairedComparison:
         return (self.a_right - self.b_right) / self.n if self.n else 0.0
 
     def format(self, a: str = "A", b: str = "B") -> str:
-        return (f"{a}: {self.a_right}/{self.n} right, {b}: {self.b_right}/{self.n} right "
-                f"({100 * self.difference:+.1f} points); right only for {a}: {self.a_only}, only for {b}: "
-                f"{self.b_only}; McNemar exact p = {self.p_value:.3g}")
+        """One line: both scores, the signed difference written as "A - B" so that it reads one way only,
+        the discordant counts and the p-value."""
+        return (f"{a}: {self.a_right}/{self.n} right, {b}: {self.b_right}/{self.n} right; "
+                f"{a} - {b} = {100 * self.difference:+.1f} points; right only for {a}: {self.a_only}, "
+                f"only for {b}: {self.b_only}; McNemar exact p = {self.p_value:.3g}")
 
 
 def mcnemar_p_value(a_only: int, b_only: int) -> float:

@@ -4,6 +4,7 @@ text equals the reference; anything else, unparsable included, is wrong."""
 
 from __future__ import annotations
 
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from ..model.tokenizer import Tokenizer
 
 @dataclass
 class VQAResult:
+    """Accuracy overall and per question type, counts per type, and one prediction per record."""
     accuracy: float
     by_type: dict[str, float]
     counts: dict[str, int]
@@ -28,6 +30,7 @@ class VQAResult:
 
 
 def score(records: list[Conversation], replies: list[str]) -> VQAResult:
+    """Compare each reply with its record's answer after `normalise_answer` on both."""
     right: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
     preds = []
@@ -61,3 +64,22 @@ def evaluate_vqa(model: LlamaLM, tok: Tokenizer, path: str | Path, template: str
                   for r in chunk]
         replies += complete_ids(model, tok, ids, sampling, images)
     return score(records, replies)
+
+
+def evaluate_with_blank_control(model: LlamaLM, tok: Tokenizer, path: str | Path, template: str = "chat",
+                                image_placeholder: str = "", **options: Any) -> tuple[VQAResult, VQAResult]:
+    """(answers with each image, answers with a uniform grey image of the same size in its place): the
+    control that shows the model looks, since without the picture it can only reach chance. The blank
+    images are files, so that a feature cache encodes each size once."""
+    from ..vision import blank_image, load_image
+
+    looked = evaluate_vqa(model, tok, path, template, image_placeholder, **options)
+    with tempfile.TemporaryDirectory(prefix="blank-") as tmp:
+        def blank(image: Path) -> Path:
+            w, h = load_image(image).size
+            file = Path(tmp) / f"blank_{w}x{h}.png"
+            if not file.is_file():
+                blank_image((w, h)).save(file)
+            return file
+
+        return looked, evaluate_vqa(model, tok, path, template, image_placeholder, image_override=blank, **options)

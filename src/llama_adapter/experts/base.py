@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 
 class Expert(Protocol):
+    """What an expert is: a name and `describe(image) -> text` for the instruction's context."""
     name: str
 
     def describe(self, image: Any) -> str:

@@ -8,10 +8,12 @@ from typing import Any
 
 
 class CallableExpert:
+    """An expert from any function image -> caption; the text gets `prefix` unless it is empty."""
     def __init__(self, fn: Callable[[Any], str], name: str = "caption", prefix: str = "Image caption: "):
         self.fn, self.name, self.prefix = fn, name, prefix
 
     def describe(self, image: Any) -> str:
+        """The prefixed caption of `image`; "" when the function returns nothing."""
         text = self.fn(image).strip()
         return self.prefix + text if text else ""
 
@@ -22,14 +24,11 @@ class AdapterCaptionExpert(CallableExpert):
 
     def __init__(self, folder: Path, instruction: str = "Describe the image briefly.", template: str = "plain",
                  max_new_tokens: int = 32):
-        import llama_adapter as la
-        from llama_adapter.data.multimodal import prompt_ids
-        from llama_adapter.generate import Sampling, complete_ids
-        from llama_adapter.methods.io import read_adapter_config
+        from ..data.multimodal import prompt_ids
+        from ..generate import Sampling, complete_ids
+        from ..methods.io import load_adapted
 
-        base = read_adapter_config(folder).get("base_model") or "smollm2-135m"
-        model, tok = la.load_pretrained(base)
-        la.load_adapter(model, folder)
+        model, tok = load_adapted(folder)  # on the base model named in the checkpoint
         ids = prompt_ids(tok, instruction, template, "", True)
 
         def caption(image: Any) -> str:

@@ -10,6 +10,7 @@ from ..vision.images import load_image
 
 
 class OCRExpert:
+    """Text in the image through RapidOCR (offline ONNX models), lines above `min_confidence` only."""
     name = "ocr"
 
     def __init__(self, min_confidence: float = 0.5, prefix: str = "Text in the image: "):
@@ -28,5 +29,6 @@ class OCRExpert:
         return [text for _, _, text in sorted(lines)]
 
     def describe(self, image: Any) -> str:
+        """The recognised lines joined by spaces after `prefix`; "" when nothing was read."""
         lines = self.read(image)
         return self.prefix + " ".join(lines) if lines else ""

@@ -13,6 +13,7 @@ from ..fileio import read_json
 
 
 class PrecomputedExpert:
+    """Texts read from a JSON file (ScienceQA captions.json / ocrs.json, or {id: text}), looked up by image id."""
     def __init__(self, path: str | Path, prefix: str | None = None):
         path = Path(path)
         data = read_json(path, "expert file")
@@ -32,10 +33,12 @@ class PrecomputedExpert:
         self.prefix = default_prefix if prefix is None else prefix
 
     def key(self, image: Any) -> str:
+        """The image's id: its folder name when the file knows it (images/<pid>/image.png), else its stem."""
         p = Path(str(image))
         return p.parent.name if p.parent.name in self.texts else p.stem
 
     def describe(self, image: Any) -> str:
+        """The stored text of `image` after `prefix`; "" when the file has none for it."""
         text = self.texts.get(self.key(image), "").strip()
         return self.prefix + text if text else ""
 

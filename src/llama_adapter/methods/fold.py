@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..model.llama import AdaptableLinear, LlamaLM
+from .lora import LoRA
 
 
 def fold_linear(m: AdaptableLinear) -> bool:
@@ -15,8 +16,10 @@ def fold_linear(m: AdaptableLinear) -> bool:
         return False
     dtype = m.weight.dtype
     w = m.weight.detach().float()
-    if m.lora is not None:
+    if isinstance(m.lora, LoRA):
         w = w + m.lora.delta_weight()
+    elif m.lora is not None:
+        raise TypeError(f"cannot fold a {type(m.lora).__name__} low-rank update (only LoRA folds)")
     b = m.bias.detach().float() if m.bias is not None else None
     if m.delta_bias is not None:
         b = m.delta_bias.detach().float() if b is None else b + m.delta_bias.detach().float()

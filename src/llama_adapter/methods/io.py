@@ -10,8 +10,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..checksum import record_checksums, verify_checksums
 from ..fileio import atomic_write, atomic_write_json, read_json
 from ..model.llama import LlamaLM
+from ..model.load import DEFAULT_MODEL, load_pretrained
+from ..model.tokenizer import Tokenizer
 from .registry import adapter_tensors, attach, config_from_dict
 
 WEIGHTS = "adapter_model.safetensors"
@@ -40,6 +43,7 @@ def save_adapter(model: LlamaLM, folder: str | Path) -> Path:
     meta = adapter_metadata(model)
     atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"method": meta["method"]}))
     atomic_write_json(folder / CONFIG, meta)
+    record_checksums(folder, [WEIGHTS, CONFIG])  # verified on load: a corrupt or swapped file is refused
     return folder
 
 
@@ -51,16 +55,46 @@ def read_adapter_config(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_adapter(model: LlamaLM, folder: str | Path) -> LlamaLM:
-    """Attach the checkpoint's method (if not yet attached) and load its tensors."""
-    folder = Path(folder)
-    meta = read_adapter_config(folder)
+def _model_name(name: str | None) -> str | None:
+    """A base model's name as compared: the last path component, lower case, without .gguf (so the same
+    folder moved elsewhere is the same model)."""
+    if not name:
+        return None
+    base = Path(str(name).rstrip("/\\")).name.lower()
+    return base.removesuffix(".gguf")
+
+
+def check_base(model: LlamaLM, meta: dict[str, Any], folder: Path, force: bool = False) -> None:
+    """Refuse an adapter trained on another base model (name or shape), naming both values. `force` lets a
+    differing name or shape through; the tensors must still fit the model."""
+    if force:
+        return
+    saved = meta.get("base_shape") or {}
     shape = {k: getattr(model.config, k) for k in _SHAPE_FIELDS}
-    if meta["base_shape"] != shape:
-        raise ValueError(f"the adapter in {folder} was trained on a model shaped {meta['base_shape']} "
-                         f"(base {meta['base_model']!r}); this model is shaped {shape}")
+    diffs = [f"{k} {saved.get(k)} (adapter) vs {shape[k]} (this model)" for k in _SHAPE_FIELDS
+             if k in saved and saved[k] != shape[k]]
+    name, ours = meta.get("base_model"), getattr(model, "name_or_path", None)
+    if _model_name(name) and _model_name(ours) and _model_name(name) != _model_name(ours):
+        diffs.insert(0, f"name {name!r} (adapter) vs {ours!r} (this model)")
+    if diffs:
+        raise ValueError(f"the adapter in {folder} was trained on another base model: {'; '.join(diffs)}. "
+                         f"Load it on its own base model, or pass --force (force=True) if the base is the same "
+                         f"model under another name; differing shapes are refused unless every tensor fits")
+
+
+def load_adapter(model: LlamaLM, folder: str | Path, tokenizer: Tokenizer | None = None,
+                 force: bool = False) -> LlamaLM:
+    """Attach the checkpoint's method (if not yet attached) and load its tensors.
+
+    The files are checked against their checksums and the base model against the adapter's (name and shape)
+    before anything is attached; `force` skips the base check. `tokenizer`: the model's, for a method that
+    needs one to attach (LaVIN; see `attach`)."""
+    folder = Path(folder)
+    verify_checksums(folder, [CONFIG, WEIGHTS])
+    meta = read_adapter_config(folder)
+    check_base(model, meta, folder, force)
     if model.adapter is None:
-        attach(model, config_from_dict(meta["method"], meta["config"]))
+        attach(model, config_from_dict(meta["method"], meta["config"]), tokenizer)
     elif model.adapter.method != meta["method"]:
         raise ValueError(f"the model has a {model.adapter.method} adapter; {folder} holds {meta['method']}")
     path = folder / WEIGHTS
@@ -82,3 +116,18 @@ def load_adapter(model: LlamaLM, folder: str | Path) -> LlamaLM:
                 raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
             p.copy_(t.to(device=p.device, dtype=p.dtype))
     return model
+
+
+def load_adapted(adapter: str | Path | None, model: str | Path | None = None, dtype: str = "fp32",
+                 device: str = "auto", force: bool = False) -> tuple[LlamaLM, Tokenizer]:
+    """The base model (`model`, else the adapter's own base model, else the default) with the adapter
+    checkpoint `adapter` (if any) loaded on top: what the commands that run a model start from."""
+    if adapter:
+        verify_checksums(adapter, [CONFIG, WEIGHTS])  # before the (slow) base model load
+    name = model
+    if name is None:
+        name = (read_adapter_config(adapter).get("base_model") if adapter else None) or DEFAULT_MODEL
+    base, tok = load_pretrained(name, dtype=dtype, device=device)
+    if adapter:
+        load_adapter(base, adapter, tokenizer=tok, force=force)
+    return base, tok

@@ -19,6 +19,8 @@
   has none). The default EfficientNet-Lite0 has no attention blocks, so it gets no encoder
   adapters (the option is then a no-op, not an error) and its frozen features can be cached.
 - Training batches are cut after their last labelled token: what follows cannot change the loss.
+- The prefix texts ("Image:", "N/A") are encoded with the tokenizer given at attach time
+  (`la.attach(model, cfg, tokenizer=tok)`), never guessed from where the model came from.
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.tokenize import IGNORE
-from ..generate import PreparedBatch
+from ..batch import IGNORE, PreparedBatch
 from ..model.llama import ForwardContext, LlamaLM
 from ..model.tokenizer import Tokenizer
 from ..vision import LavinNeck
@@ -45,6 +46,9 @@ TEXT, IMAGE = 0, 1  # modality embedding rows
 
 @dataclass
 class LavinConfig:
+    """LaVIN: routed MM-adapters in every layer, the modality token, the visual neck (`vision: null`: text only).
+    Ablations (off by default): `routing`, `modality_token` (docs/ablations.md)."""
+
     rank: int = 8
     temperature: float = 10.0  # routing softmax temperature (10 for 7B, 5 for 13B)
     scale: float = 1.0
@@ -57,8 +61,20 @@ class LavinConfig:
     image_prefix: str = "Image:"
     no_image_text: str = "N/A"
     feature_cache: bool = True  # cache frozen encoder features (only without trainable encoder adapters)
+    # Ablations (docs/ablations.md); the defaults are the method. routing False: no router, every adapter
+    # (language model and image encoder) takes the fixed path w = (1, 0), i.e. up-projection 0 alone.
+    # modality_token False: no modality token in the sequence; the router then has nothing to read, so
+    # it needs routing False too (refused otherwise).
+    routing: bool = True
+    modality_token: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("routing", "modality_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false (on/off), got {getattr(self, name)!r}")
+        if self.routing and not self.modality_token:
+            raise ValueError("modality_token off leaves the router nothing to read (it routes on the modality "
+                             "token's state): set routing off too (routing: off, modality_token: off)")
         if self.rank < 1 or self.groups < 1 or self.rank % self.groups:
             raise ValueError(f"rank must be a positive multiple of groups, got rank={self.rank}, groups={self.groups}")
         if not self.temperature > 0:
@@ -98,8 +114,9 @@ class MMAdapter(nn.Module):
     """
 
     def __init__(self, dim: int, rank: int = 8, groups: int = 2, scale: float = 1.0, dropout: float = 0.1,
-                 temperature: float = 10.0, route_from: str = "cls"):
+                 temperature: float = 10.0, route_from: str = "cls", routed: bool = True):
         super().__init__()
+        self.routed = routed  # False (ablation): the fixed path w = (1, 0), the router unused
         if route_from not in ("cls", "mean"):
             raise ValueError(f"route_from must be 'cls' or 'mean', got {route_from!r}")
         self.scale, self.p, self.temperature, self.route_from = scale, dropout, temperature, route_from
@@ -108,8 +125,14 @@ class MMAdapter(nn.Module):
         self.up1 = GroupedUp(rank, dim, groups)
         self.router = nn.Linear(dim, 2)
 
+    def fixed_weights(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The routing weights [B, 2] without a router (ablation): up-projection 0 with weight 1."""
+        return torch.tensor([1.0, 0.0], device=device).expand(batch, 2)
+
     def routing(self, t: torch.Tensor) -> torch.Tensor:
         """Routing weights [B, 2] (fp32) from routing-token states t [B, C]."""
+        if not self.routed:
+            return self.fixed_weights(t.shape[0], t.device)
         logits = self.router(t.to(self.router.weight.dtype)).float()
         return torch.softmax(logits / self.temperature, dim=-1)
 
@@ -138,6 +161,8 @@ class ModalityRoutedAdapter(MMAdapter):
         return self.mix(h, self.weights(h, ctx))
 
     def weights(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if not self.routed:
+            return self.fixed_weights(h.shape[0], h.device)
         cache = ctx.cache
         if cache is not None and cache.length > 0:  # a decode step: the modality token was in the prefill
             if self.key not in cache.state:
@@ -157,7 +182,7 @@ class ModalityRoutedAdapter(MMAdapter):
 class LavinInputs(nn.Module):
     """The modality embeddings, the visual frontend and neck, and the one sequence builder they feed."""
 
-    def __init__(self, cfg: LavinConfig, dim: int):
+    def __init__(self, cfg: LavinConfig, dim: int, tokenizer: Tokenizer | None):
         super().__init__()
         self.cfg = cfg
         self.modality = nn.Embedding(2, dim)
@@ -167,23 +192,19 @@ class LavinInputs(nn.Module):
         if cfg.vision:
             self.frontend = VisualFrontend(cfg.vision, cfg.feature_cache)
             self.neck = LavinNeck(self.frontend.encoder.global_dims, dim, cfg.neck_hidden)
-        self._tok: Tokenizer | None = None
+        self._tok = tokenizer  # given at attach time (None only on the meta device, where nothing runs)
         self._texts: tuple[int | None, list[int], list[int]] | None = None
 
     def set_tokenizer(self, tok: Tokenizer) -> None:
         self._tok, self._texts = tok, None
 
-    def texts(self, model: LlamaLM) -> tuple[int | None, list[int], list[int]]:
+    def texts(self) -> tuple[int | None, list[int], list[int]]:
         """(BOS the tokenizer adds on its own or None, ids of image_prefix, ids of no_image_text)."""
         if self._texts is None:
-            if self._tok is None:
-                if not getattr(model, "name_or_path", None):
-                    raise ValueError("LaVIN embeds its prefix texts with the model's tokenizer: load the model with "
-                                     "load_pretrained, or call llama_adapter.methods.lavin.set_tokenizer(model, tok)")
-                from ..model.load import resolve_model_path
-
-                self._tok = Tokenizer.from_folder(resolve_model_path(model.name_or_path, progress=False))
             tok = self._tok
+            if tok is None:
+                raise ValueError("LaVIN embeds its prefix texts with the model's tokenizer: attach it with "
+                                 "la.attach(model, config, tokenizer=tok)")
             lead = tok.encode("", add_special_tokens=True)
             self._texts = (lead[0] if len(lead) == 1 else None,
                            tok.encode(self.cfg.image_prefix, add_special_tokens=False),
@@ -194,6 +215,8 @@ class LavinInputs(nn.Module):
                batch_size: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(visual tokens [B, n_taps, C] or None, has_image bool [B])."""
         if images is None or all(im is None for im in images):
+            if self.frontend is not None:
+                self.frontend.standardizer.observe_no_images()  # keeps the ranks' statistics in step
             return None, torch.zeros(batch_size, dtype=torch.bool, device=model.device)
         if self.frontend is None or self.neck is None:
             raise ValueError("images were given, but this LaVIN adapter was attached without vision (vision: null)")
@@ -209,7 +232,7 @@ class LavinInputs(nn.Module):
         `real` [B, T] marks each row's tokens; rows are padded on the left (generation) or right (training).
         """
         B, device = ids.shape[0], model.device
-        bos, prefix, no_image = self.texts(model)
+        bos, prefix, no_image = self.texts()
         vis, has = self.visual(model, images, B)
         emb = model.embed_tokens
         dtype = emb.weight.dtype
@@ -217,24 +240,25 @@ class LavinInputs(nn.Module):
         prefix_e = emb(torch.tensor(prefix, dtype=torch.long, device=device))
         no_image_e = emb(torch.tensor(no_image, dtype=torch.long, device=device))
         modality = self.modality(has.long()).to(dtype)
+        lead = 1 if self.cfg.modality_token else 0  # the modality token (ablation: none)
         seqs, labs = [], []
         for b in range(B):
             keep = real[b].nonzero().squeeze(-1)
             head = 1 if bos is not None and len(keep) and int(ids[b, keep[0]]) == bos else 0
             middle = vis[b].to(dtype) if vis is not None and bool(has[b]) else no_image_e
             row = tokens[b, keep]
-            seqs.append(torch.cat([modality[b:b + 1], row[:head], prefix_e, middle, row[head:]]))
+            seqs.append(torch.cat([modality[b:b + lead], row[:head], prefix_e, middle, row[head:]]))
             if labels is not None:
                 lab = labels[b, keep]
                 ignore = lab.new_full((len(prefix) + middle.shape[0],), IGNORE)
-                labs.append(torch.cat([lab.new_full((1,), IGNORE), lab[:head], ignore, lab[head:]]))
+                labs.append(torch.cat([lab.new_full((lead,), IGNORE), lab[:head], ignore, lab[head:]]))
         width = max(s.shape[0] for s in seqs)
         pads = [width - s.shape[0] for s in seqs]
         embeds = torch.stack([F.pad(s, (0, 0, p, 0) if left else (0, 0, 0, p)) for s, p in zip(seqs, pads)])
         index = torch.tensor(pads if left else [0] * B, dtype=torch.long, device=device)
         cols = torch.arange(width, device=device)[None, :]
         lengths = torch.tensor([s.shape[0] for s in seqs], device=device)[:, None]
-        mask = ((cols > index[:, None]) & (cols < index[:, None] + lengths)).long()
+        mask = ((cols >= index[:, None] + lead) & (cols < index[:, None] + lengths)).long()
         out_labels = None
         if labels is not None:
             out_labels = torch.stack([F.pad(lab, (p, 0) if left else (0, p), value=IGNORE)
@@ -261,10 +285,12 @@ class LavinInputs(nn.Module):
 
 
 def set_tokenizer(model: LlamaLM, tok: Tokenizer) -> None:
-    """Give LaVIN the tokenizer for its prefix texts (needed only when the model was not loaded by name)."""
+    """Replace the tokenizer LaVIN was attached with (it encodes the prefix texts with it)."""
     if model.adapter is None or model.adapter.method != "lavin":
         raise ValueError("no LaVIN adapter is attached to this model")
-    model.lavin.set_tokenizer(tok)
+    inputs = model.lavin
+    assert isinstance(inputs, LavinInputs)
+    inputs.set_tokenizer(tok)
 
 
 def _vit_blocks(frontend: VisualFrontend) -> int:
@@ -274,9 +300,10 @@ def _vit_blocks(frontend: VisualFrontend) -> int:
         return 0
 
 
-def attach(model: LlamaLM, cfg: LavinConfig) -> Attached:
+def attach(model: LlamaLM, cfg: LavinConfig, tokenizer: Tokenizer | None) -> Attached:
     c = model.config
-    kw = dict(rank=cfg.rank, groups=cfg.groups, scale=cfg.scale, dropout=cfg.dropout, temperature=cfg.temperature)
+    kw: dict[str, Any] = dict(rank=cfg.rank, groups=cfg.groups, scale=cfg.scale, dropout=cfg.dropout,
+                              temperature=cfg.temperature, routed=cfg.routing)
     names: list[str] = []
     for i, layer in enumerate(model.layers):
         layer.attn_adapter = ModalityRoutedAdapter(i, "attn", c.dim, **kw).to(model.device)
@@ -284,7 +311,7 @@ def attach(model: LlamaLM, cfg: LavinConfig) -> Attached:
         if cfg.ffn_adapter:
             layer.ffn_adapter = ModalityRoutedAdapter(i, "ffn", c.dim, **kw).to(model.device)
             names += [f"layers.{i}.ffn_adapter.{n}" for n, _ in layer.ffn_adapter.named_parameters()]
-    inputs = LavinInputs(cfg, c.dim)
+    inputs = LavinInputs(cfg, c.dim, tokenizer)
     if inputs.frontend is not None and cfg.vision_adapters:
         encoder = inputs.frontend.encoder
         route = "cls" if getattr(encoder, "has_cls", True) else "mean"
@@ -293,9 +320,12 @@ def attach(model: LlamaLM, cfg: LavinConfig) -> Attached:
     model.lavin = inputs.to(model.device)
     names += [f"lavin.{n}" for n, _ in inputs.named_parameters()
               if n.startswith(("modality.", "neck.")) or ".pre_attention_adapter." in n]
+    unused = ((() if cfg.routing else (".router.", ".up1.")) +  # ablations: parts that never act are not trained
+              (() if cfg.modality_token else ("lavin.modality.",)))
+    names = [n for n in names if not any(u in n or n.startswith(u) for u in unused)]
     buffers = inputs.frontend.state_buffer_names("lavin.frontend.") if inputs.frontend is not None else []
     return Attached("lavin", cfg, groups={"lavin": names}, buffers=buffers, prepare_inputs=inputs.prepare_inputs,
-                    prepare_batch=inputs.prepare_batch)
+                    prepare_batch=inputs.prepare_batch, images=inputs.frontend is not None)
 
 
-METHOD = register(Method("lavin", LavinConfig, attach))
+METHOD = register(Method("lavin", LavinConfig, attach, needs_tokenizer=True))

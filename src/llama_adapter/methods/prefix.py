@@ -16,10 +16,21 @@ from torch import nn
 from ..model.llama import Attention, ForwardContext
 
 GATES = ("per_head_tanh", "per_head", "scalar_tanh", "scalar")
+# Ablations (docs/ablations.md), not the method's defaults:
+INITS = ("zero", "random")  # "random": the paper's rand-init attention, the prefix at full weight from step 0
+PROMPTS = ("linear", "mlp")  # "mlp": each layer's prompt produced by a small MLP from a learned seed
+RANDOM_INIT_GATE = 3.0  # tanh(3) = 0.995: a tanh gate that lets the prefix in at (almost) full weight
 
 
-def check_prompt_options(prompt_len: int, n_layers: int | None, gate: str, min_layers: int) -> None:
+def check_prompt_options(prompt_len: int, n_layers: int | None, gate: str, min_layers: int, init: str = "zero",
+                         prompt: str = "linear", prompt_hidden: int = 1) -> None:
     """The validation every method with adaption prompts shares."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    if prompt not in PROMPTS:
+        raise ValueError(f"unknown prompt {prompt!r}; choose one of {', '.join(PROMPTS)}")
+    if prompt_hidden < 1:
+        raise ValueError(f"prompt_hidden must be >= 1, got {prompt_hidden}")
     if prompt_len < 1:
         raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
     if n_layers is not None and n_layers < min_layers:
@@ -38,33 +49,58 @@ class GatedPrefix(nn.Module):
     multiplies prompt (+ added tokens) before the projections, to bring an N(0, 1) prompt to the
     scale of what the layer's projections normally see (V2's visual prefix in the first layers;
     SmolLM2's layer 0 sees inputs of RMS 0.05); a saved buffer, so folding norms keeps it.
+
+    Ablations: `init="random"` starts the gate open (gate value 1, or tanh(3) = 0.995 for tanh gates)
+    instead of zero, so the randomly initialised prompt acts from step 0 as an ordinary attention prefix
+    would (the paper's "rand-init attention"); the prompt's own init is unchanged, so the gate is the only
+    difference. `prompt_kind="mlp"` computes the prompt as MLP(seed) (seed [K, C], MLP C -> hidden -> C)
+    instead of holding it directly; it is still input-independent, so inference caches its keys/values alike.
     """
 
     def __init__(self, prompt_len: int, dim: int, n_heads: int, gate: str = "per_head_tanh",
                  add_key: str | None = None, device: torch.device | str | None = None,
-                 row_key: str | None = None, input_scale: float = 1.0):
+                 row_key: str | None = None, input_scale: float = 1.0, init: str = "zero",
+                 prompt_kind: str = "linear", prompt_hidden: int = 64):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
+        check_prompt_options(prompt_len, None, gate, 0, init, prompt_kind, prompt_hidden)
         self.gate_kind = gate
         self.add_key = add_key
         self.row_key = row_key
-        self.prompt = nn.Parameter(torch.randn(prompt_len, dim, device=device))
-        self.gate = nn.Parameter(torch.zeros(n_heads if gate.startswith("per_head") else 1, device=device))
+        self.prompt_mlp: nn.Sequential | None = None
+        if prompt_kind == "mlp":
+            self.prompt_seed = nn.Parameter(torch.randn(prompt_len, dim, device=device))
+            self.prompt_mlp = nn.Sequential(nn.Linear(dim, prompt_hidden), nn.GELU(),
+                                            nn.Linear(prompt_hidden, dim)).to(device)
+        else:
+            self.prompt = nn.Parameter(torch.randn(prompt_len, dim, device=device))
+        start = 0.0 if init == "zero" else (RANDOM_INIT_GATE if gate.endswith("tanh") else 1.0)
+        self.gate = nn.Parameter(torch.full((n_heads if gate.startswith("per_head") else 1,), start, device=device))
         self.register_buffer("input_scale", torch.tensor(float(input_scale), device=device))
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None
         self._static_key: tuple | None = None
 
+    def prompt_value(self) -> torch.Tensor:
+        """The prompt [K, C]: the parameter itself, or MLP(seed) with `prompt_kind="mlp"`."""
+        if self.prompt_mlp is not None:
+            return self.prompt_mlp(self.prompt_seed)
+        return self.prompt
+
     def gate_value(self) -> torch.Tensor:
         return torch.tanh(self.gate) if self.gate_kind.endswith("tanh") else self.gate
 
-    def _compute(self, attn: Attention, dtype: torch.dtype, extra: torch.Tensor | None):
-        prompt = self.prompt.to(dtype)[None]
+    input_scale: torch.Tensor  # a buffer (registered in __init__)
+
+    def _compute(self, attn: Attention, dtype: torch.dtype,
+                 extra: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt = self.prompt_value().to(dtype)[None]
         if extra is not None:
             prompt = prompt + (extra[:, None] if extra.dim() == 2 else extra).to(dtype)
         return attn.project_kv(prompt * self.input_scale.to(dtype))
 
-    def keys_values(self, attn: Attention, dtype: torch.dtype, ctx: ForwardContext):
+    def keys_values(self, attn: Attention, dtype: torch.dtype,
+                    ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt keys/values [1 or B, G, K, d]. With gradients on they are always recomputed;
         for inference they are computed once (per generation, or once and for all when they do
         not depend on the input) and reused."""
@@ -75,10 +111,10 @@ class GatedPrefix(nn.Module):
         if extra is None and not torch.is_grad_enabled():
             params = itertools.chain(self.parameters(), self.buffers(), attn.k_proj.parameters(),
                                      attn.v_proj.parameters())
-            dev = self.prompt.device.type
+            dev = self.gate.device.type
             amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-            key = (dtype, amp, str(self.prompt.device), tuple((id(p), p._version) for p in params))
-            if key != self._static_key:
+            key = (dtype, amp, str(self.gate.device), tuple((id(p), p._version) for p in params))
+            if self._static is None or key != self._static_key:
                 self._static, self._static_key = self._compute(attn, dtype, None), key
             kv = self._static
         else:

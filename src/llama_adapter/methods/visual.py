@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..generate import PreparedBatch
+from ..batch import PreparedBatch
 from ..model.load import cache_dir
 from ..vision import FeatureCache, FeatureStandardizer, VisionFeatures, load_encoder
 
@@ -54,6 +54,7 @@ class VisualFrontend(nn.Module):
         present = [i for i, im in enumerate(images) if im is not None]
         has = torch.zeros(batch_size, dtype=torch.bool, device=device)
         if not present:
+            self.standardizer.observe_no_images()
             return None, has
         has[present] = True
         feats = self._encode([images[i] for i in present]).to(device=device, dtype=torch.float32)

@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm3")
+# SmolLM3's layout is the one transformers architecture with SwiGLU, RMSNorm, rotary embeddings, biases on
+# every linear and a sliding window: export writes it for a windowed model that gained biases (rotary in
+# every layer; NoPE layers, which real SmolLM3 checkpoints have, are refused on reading)
 
 
 @dataclass
@@ -28,6 +31,7 @@ class RopeScaling:
 
 @dataclass
 class ModelConfig:
+    """A LLaMA-family architecture (sizes, rotary, biases, window), read from and written to HF config.json."""
     vocab_size: int
     dim: int
     n_layers: int
@@ -75,7 +79,7 @@ class ModelConfig:
             )
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} (only silu / SwiGLU)")
-        rope = dict(hf.get("rope_parameters") or {})
+        rope: dict[str, Any] = dict(hf.get("rope_parameters") or {})
         legacy = hf.get("rope_scaling") or {}
         rope = {**legacy, **rope}
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
@@ -90,6 +94,8 @@ class ModelConfig:
             if hf.get("use_sliding_window"):
                 raise ValueError("qwen2 with use_sliding_window=true is not supported")
             window = None
+        if model_type == "smollm3":
+            window = _smollm3_window(hf)
         eos = hf.get("eos_token_id")
         eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (eos,))
         n_heads = hf["num_attention_heads"]
@@ -123,7 +129,7 @@ class ModelConfig:
         out = {
             "model_type": self.model_type,
             "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "qwen2": "Qwen2ForCausalLM"}[self.model_type]],
+                               "qwen2": "Qwen2ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}[self.model_type]],
             "vocab_size": self.vocab_size,
             "hidden_size": self.dim,
             "intermediate_size": self.ffn_dim,
@@ -145,10 +151,30 @@ class ModelConfig:
             out["mlp_bias"] = self.mlp_bias
         if self.model_type == "mistral":
             out["sliding_window"] = self.sliding_window
+        if self.model_type == "smollm3":
+            out.update(attention_bias=self.qkv_bias or self.o_bias, mlp_bias=self.mlp_bias, pad_token_id=None,
+                       use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                       no_rope_layers=[1] * self.n_layers,
+                       layer_types=["sliding_attention" if self.sliding_window else "full_attention"] * self.n_layers)
         return out
 
 
+def _smollm3_window(hf: dict[str, Any]) -> int | None:
+    """The one sliding window of a SmolLM3 config that this model supports: rotary in every layer, and the
+    same attention (windowed or full) in every layer."""
+    n = hf["num_hidden_layers"]
+    if any(not x for x in hf.get("no_rope_layers") or [0]):
+        raise ValueError("smollm3 with layers without rotary embeddings (no_rope_layers) is not supported")
+    if not (hf.get("use_sliding_window") and hf.get("sliding_window")):
+        return None
+    kinds = set(hf.get("layer_types") or ["sliding_attention"] * n)
+    if kinds != {"sliding_attention"}:
+        raise ValueError(f"smollm3 with mixed attention layer types {sorted(kinds)} is not supported")
+    return int(hf["sliding_window"])
+
+
 def read_hf_config(folder: Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face folder's config.json, with errors that name the file."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {folder} (looked for {path})")

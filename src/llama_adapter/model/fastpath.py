@@ -19,13 +19,14 @@ cache); a failure to compile disables the fast path for that model with a warnin
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .llama import AdaptableLinear, KVCache, LlamaLM
+from .attached import method_is_plain
+from .fused import has_module_hooks
+from .llama import AdaptableLinear, Block, KVCache, LlamaLM
 
 _ATTR = "_compiled_decode"
 MAX_BLOCKS_PER_GRAPH = 10
@@ -88,14 +89,15 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
 
 def _group_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                 write_at: torch.Tensor, n_heads: int, eps: tuple[float, float], use_gemv: bool,
-                layers: list[tuple[torch.Tensor | None, ...]]) -> torch.Tensor:
+                layers: list[tuple[Any, ...]]) -> torch.Tensor:
     """A run of consecutive blocks; one graph for a few blocks amortises the per-call overhead."""
     for tensors in layers:
         x = _block(x, cos, sin, bias, write_at, n_heads, eps, use_gemv, *tensors)
     return x
 
 
-def _block_tensors(layer: nn.Module, cache: KVCache, i: int) -> tuple[torch.Tensor | None, ...]:
+def _block_tensors(layer: Block, cache: KVCache, i: int) -> tuple[Any, ...]:
+    """The block's weights and biases (None where it has none) and caches, in `_block`'s order."""
     a, f = layer.self_attn, layer.mlp
     return (cache.k[i], cache.v[i], layer.input_layernorm.weight,
             a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
@@ -119,19 +121,18 @@ def _head_step(x: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor,
     return torch.cat([_gemv(h, wp, bp) for wp, bp in zip(pieces, biases)], -1)
 
 
-def _has_torch_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None))
-
-
 def is_plain(model: LlamaLM) -> bool:
-    """True when the eager forward is exactly the bare LLaMA computation (no hook of any kind)."""
-    if model.adapter is not None and getattr(model.adapter, "prepare_inputs", None) is not None:
+    """True when the eager forward is exactly the bare LLaMA computation (no hook of any kind).
+
+    The attached method answers for itself (`plain`, model/attached.py); the model's own hook slots
+    and PyTorch's module hooks are checked too, for modules put there without a method."""
+    if not method_is_plain(model):
         return False
     for layer in model.layers:
         if layer.attn_adapter is not None or layer.ffn_adapter is not None or layer.self_attn.prefix is not None:
             return False
     for m in model.modules():
-        if _has_torch_hooks(m):
+        if has_module_hooks(m):
             return False
         if isinstance(m, AdaptableLinear) and not m.plain:
             return False
@@ -182,9 +183,11 @@ class CompiledDecode:
         try:
             x = F.embedding(token, m.embed_tokens.weight)
             if self._tensors is None or self._tensors[0] is not cache:
-                self._tensors = (cache, [_block_tensors(layer, cache, i) for i, layer in enumerate(m.layers)])
+                blocks = [cast(Block, layer) for layer in m.layers]
+                self._tensors = (cache, [_block_tensors(b, cache, i) for i, b in enumerate(blocks)])
             tensors = self._tensors[1]
-            eps = (m.layers[0].input_layernorm.eps, m.layers[0].post_attention_layernorm.eps)
+            first = cast(Block, m.layers[0])
+            eps = (first.input_layernorm.eps, first.post_attention_layernorm.eps)
             for g in range(0, len(tensors), self.group):
                 x = self._blocks(x, cos, sin, bias, write_at, m.config.n_heads, eps, self.use_gemv,
                                  tensors[g:g + self.group])
@@ -206,6 +209,7 @@ def enable_compiled_decode(model: LlamaLM, use_gemv: bool | None = None) -> Comp
 
 
 def disable_compiled_decode(model: LlamaLM) -> None:
+    """Opt out again: decoding takes the eager path."""
     if hasattr(model, _ATTR):
         delattr(model, _ATTR)
 

@@ -40,8 +40,14 @@ def _pointers(linears: Sequence[AdaptableLinear]) -> list[tuple[int, int]]:
     return [(m.weight.data_ptr(), 0 if m.bias is None else m.bias.data_ptr()) for m in linears]
 
 
+def has_module_hooks(m: nn.Module) -> bool:
+    """PyTorch forward (pre-)hooks on this module: its output may not be what its forward computes."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None))
+
+
 def _plain(m: AdaptableLinear) -> bool:
-    return (m.plain and not m._forward_hooks and not m._forward_pre_hooks
+    """Exactly the frozen nn.Linear: nothing adapted (`AdaptableLinear.plain`), hooked or trained."""
+    return (m.plain and not has_module_hooks(m)
             and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad))
 
 
@@ -78,7 +84,7 @@ def _fuse_group(linears: Sequence[AdaptableLinear]) -> None:
         start += n
     joint = JointProjection(weight, bias, sizes, _pointers(linears))
     for m in linears:
-        m._joint = joint
+        m.__dict__["_joint"] = joint  # a plain attribute (not a module or tensor) beside the parameters
 
 
 def fuse_projections(model: nn.Module) -> None:

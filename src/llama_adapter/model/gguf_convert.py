@@ -40,6 +40,7 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def gguf_config(reader: Any, path: Path) -> ModelConfig:
+    """The ModelConfig from a GGUF file's metadata (llama and qwen2 architectures)."""
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (llama, qwen2)")

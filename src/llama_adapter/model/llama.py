@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .fused import project
@@ -172,9 +173,17 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.attn_adapter: nn.Module | None = None
         self.ffn_adapter: nn.Module | None = None
+        self.checkpointed = False  # activation checkpointing: keep only the input, recompute in backward
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, is_causal: bool, ctx: ForwardContext) -> torch.Tensor:
+        if self.checkpointed and torch.is_grad_enabled() and ctx.cache is None:
+            # inside the block's own call, so that a sharding wrapper's hooks around the block fire once
+            return checkpoint(self._forward, x, cos, sin, mask, is_causal, ctx, use_reentrant=False)
+        return self._forward(x, cos, sin, mask, is_causal, ctx)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: torch.Tensor | None, is_causal: bool, ctx: ForwardContext) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.attn_adapter is not None:
             h = self.attn_adapter(h, ctx)
@@ -202,7 +211,7 @@ def attention_mask_for(attention_mask: torch.Tensor | None, batch: int, q_len: i
     q_pos = torch.arange(past, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
     allowed = k_pos <= q_pos
-    if needs_window:
+    if needs_window and window is not None:
         allowed = allowed & (q_pos - k_pos < window)
     mask = allowed[None, None].expand(batch, 1, q_len, total)
     if attention_mask is not None:
@@ -224,7 +233,8 @@ class LlamaLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg)
-        self.adapter: Any = None  # the attached method's state (see methods.registry)
+        # the attached method (methods.registry.Attached); what the layers above may ask of it: model/attached.py
+        self.adapter: Any = None
         self.name_or_path: str | None = None  # where the weights came from (recorded in adapters)
 
     @property

@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,12 +17,18 @@ from ..device import resolve_device, resolve_dtype
 from ..fileio import atomic_folder
 from .config import ModelConfig, read_hf_config
 from .gguf_convert import gguf_tokenizer, read_gguf
+from .hub import hub_snapshot, looks_like_hub_id
 from .llama import LlamaLM
+from .meta import is_meta_folder, meta_tokenizer, read_meta_weights
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
 class EmbeddedModel:
+    """A model shipped inside a pip package: the package, its GGUF file, and how to install it."""
     package: str
     filename: str
     install: str
@@ -38,6 +45,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_dir() -> Path:
+    """Where converted models are kept: $LLAMA_ADAPTER_CACHE, else ~/.cache/llama-adapter."""
     return Path(os.environ.get("LLAMA_ADAPTER_CACHE", Path.home() / ".cache" / "llama-adapter"))
 
 
@@ -50,6 +58,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
 
 
 def embedded_gguf(name: str) -> Path:
+    """The GGUF file of an embedded model, with install instructions when its package is missing."""
     spec = EMBEDDED[name]
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
@@ -68,7 +77,8 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
-def save_folder(folder: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer | object) -> None:
+def save_folder(folder: Path, cfg: ModelConfig, state: dict[str, torch.Tensor],
+                tokenizer: Tokenizer | PreTrainedTokenizerBase) -> None:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
     folder.mkdir(parents=True, exist_ok=True)
     hf_state = {f"model.{k}" if not k.startswith("lm_head.") else k: _own_storage(v)
@@ -85,6 +95,22 @@ def convert_gguf(gguf_path: Path, folder: Path, progress: bool = True) -> Path:
         cfg, state = read_gguf(gguf_path, progress=progress)
         save_folder(tmp, cfg, state, gguf_tokenizer(gguf_path))
     return atomic_folder(folder, fill)
+
+
+def convert_meta(meta_folder: Path, folder: Path, progress: bool = True) -> Path:
+    """Merge Meta's shards once into a safetensors folder in our layout (written atomically)."""
+    def fill(tmp: Path) -> None:
+        tok = meta_tokenizer(meta_folder)
+        cfg, state = read_meta_weights(meta_folder, progress=progress)
+        cfg.bos_token_id, cfg.eos_token_ids = tok.bos_token_id, (tok.eos_token_id,)
+        save_folder(tmp, cfg, state, tok)
+    return atomic_folder(folder, fill)
+
+
+def _meta_cache_folder(path: Path) -> Path:
+    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(path.iterdir()))
+    key = hashlib.sha256(f"{path.resolve()}|{stamp}".encode()).hexdigest()[:16]
+    return cache_dir() / "meta" / f"{path.name}-{key}"
 
 
 def _gguf_cache_folder(path: Path) -> Path:
@@ -117,6 +143,7 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_folder(folder: str | Path, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> tuple[LlamaLM, Tokenizer]:
+    """Model and tokenizer from a Hugging Face safetensors folder; missing or unexpected weights are an error."""
     folder = Path(folder)
     cfg = read_hf_config(folder)
     state = _read_state(folder)
@@ -153,11 +180,19 @@ def resolve_model_path(name_or_path: str | Path, progress: bool = True) -> Path:
         if not (folder / "config.json").is_file():
             convert_gguf(path, folder, progress=progress)
         return folder
+    if is_meta_folder(path):
+        folder = _meta_cache_folder(path)
+        if not (folder / "config.json").is_file():
+            convert_meta(path, folder, progress=progress)
+        return folder
     if path.is_dir():
         return path
+    if looks_like_hub_id(text):
+        return hub_snapshot(text)
     raise FileNotFoundError(
-        f"no model at {text!r}: looked for a folder with config.json and safetensors, a .gguf "
-        f"file, or an embedded name ({', '.join(EMBEDDED)})"
+        f"no model at {text!r}: looked for a folder with config.json and safetensors, a Meta folder "
+        f"(params.json, consolidated.*.pth), a .gguf file, a Hugging Face Hub id (org/name), or an embedded "
+        f"name ({', '.join(EMBEDDED)})"
     )
 
 

@@ -10,6 +10,7 @@ from .config import ModelConfig
 
 
 def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """fp32 rotary inverse frequencies [head_dim / 2], with linear or Llama-3 scaling applied."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     sc = cfg.rope_scaling
@@ -47,6 +48,7 @@ class Rotary(torch.nn.Module):
             freqs = torch.outer(t, self.inv_freq.to(device))
             emb = torch.cat([freqs, freqs], dim=-1)
             self._cos, self._sin = emb.cos(), emb.sin()
+        assert self._sin is not None  # set together with _cos
         return self._cos, self._sin
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,9 +58,11 @@ class Rotary(torch.nn.Module):
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the last dimension's halves (the rotary pairing of HF checkpoints)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys x by the position angles whose cos and sin are given."""
     return x * cos + rotate_half(x) * sin

@@ -6,10 +6,13 @@ from dataclasses import dataclass, field
 
 PRECISIONS = ("fp32", "bf16", "auto")
 BASE_DTYPES = ("fp32", "bf16")
+SHARDING = ("none", "fsdp")
 
 
 @dataclass
 class TrainConfig:
+    """The `train` section of a recipe: schedule, batch, precision, checkpoints, devices and sharding."""
+
     out_dir: str = "runs/default"
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
@@ -34,7 +37,11 @@ class TrainConfig:
     log_every: int = 1
     mix: dict[str, float] = field(default_factory=dict)  # data kind -> share of steps (joint training)
     resume: bool = True  # continue from the latest checkpoint in out_dir
+    max_bad_steps: int = 10  # steps in a row with a non-finite loss or gradient (each skipped) before the run stops
     progress: bool = True
+    # under torchrun: "fsdp" shards the frozen base's decoder blocks across the ranks (FSDP2); "none" replicates it
+    shard: str = "none"
+    activation_checkpointing: bool = False  # recompute each decoder block in backward: less memory, ~1/3 more compute
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -42,7 +49,9 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.base_dtype not in BASE_DTYPES:
             raise ValueError(f"base_dtype must be one of {BASE_DTYPES}, got {self.base_dtype!r}")
-        for name in ("batch_size", "grad_accum", "log_every"):
+        if self.shard not in SHARDING:
+            raise ValueError(f"shard must be one of {SHARDING}, got {self.shard!r}")
+        for name in ("batch_size", "grad_accum", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:

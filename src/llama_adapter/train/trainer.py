@@ -9,51 +9,41 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 
-from ..data.tokenize import IGNORE, Batch, Example, collate
+from ..batch import Batch, Example
+from ..data.tokenize import collate
 from ..device import autocast, resolve_device, resolve_precision, set_threads
-from ..methods.io import save_adapter
-from ..methods.registry import trainable_parameters
-from ..model.llama import LlamaLM
+from ..loss import lm_loss
+from ..model.attached import TrainableAdapter
+from ..model.llama import Block, LlamaLM
 from .checkpoint import (
     check_same_data,
     data_fingerprint,
-    latest_checkpoint,
-    load_trainer_state,
+    resumable_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
 from .config import TrainConfig
-from .distributed import Dist, all_sum, init_from_env, sum_gradients
+from .distributed import Dist, all_sum, barrier, init_from_env, shard_frozen_base, sum_gradients
+from .faults import (
+    CheckpointWriteError,
+    NonFiniteStop,
+    TrainingInterrupted,
+    check_out_dir,
+    checkpoint_bytes,
+    non_finite,
+    remove_stale_temporaries,
+)
 from .optim import build_optimizer
 from .runlog import RunLog, plot_losses
 from .schedule import lr_at
-
-
-def label_logits(model: LlamaLM, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits [N, vocab], targets [N], row of each [N]) at the N positions whose next token is a
-    label, laid out by the attached method (images, inserted tokens); the output head runs only there."""
-    prepare = getattr(model.adapter, "prepare_batch", None)
-    if prepare is not None:
-        inputs, labels = prepare(model, batch)
-    else:
-        inputs, labels = {"input_ids": batch.input_ids}, batch.labels
-    target_mask = labels[:, 1:] != IGNORE
-    logits = model(**inputs, output_positions=F.pad(target_mask, (0, 1)))
-    return logits, labels[:, 1:][target_mask], target_mask.nonzero()[:, 0]
-
-
-def lm_loss(model: LlamaLM, batch: Batch) -> torch.Tensor:
-    """Summed next-token cross-entropy over label positions."""
-    logits, targets, _ = label_logits(model, batch)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+from .signals import StopOnSignal
 
 
 class BatchSampler:
@@ -94,6 +84,8 @@ class BatchSampler:
 
 @dataclass
 class TrainResult:
+    """What `Trainer.fit` did: steps, last losses, time, throughput and where the adapter was written."""
+
     steps: int
     train_loss: float | None
     val_loss: float | None
@@ -104,7 +96,10 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, model: LlamaLM, cfg: TrainConfig, train: dict[str, Sequence[Example]],
+    """The one training loop for every method: each step draws a batch of one data kind and moves only the
+    parameter groups that kind trains; checkpoints, resume, many processes and faults are handled here."""
+
+    def __init__(self, model: LlamaLM, cfg: TrainConfig, train: Mapping[str, Sequence[Example]],
                  val: Sequence[Example] = (), pad_id: int = 0,
                  collate_fn: Callable[[list[Example]], Batch] | None = None,
                  loss_fn: Callable[[LlamaLM, Batch], torch.Tensor] = lm_loss):
@@ -112,6 +107,7 @@ class Trainer:
             raise ValueError("attach a method before training (la.attach(model, config))")
         set_threads(cfg.threads)
         self.cfg, self.model = cfg, model
+        self.adapter: TrainableAdapter = model.adapter  # all the trainer knows of the method
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         if cfg.base_dtype == "bf16" and self.amp_dtype != torch.bfloat16:
@@ -125,7 +121,7 @@ class Trainer:
         self.collate = collate_fn or (lambda ex: collate(ex, pad_id))
         self.loss_fn = loss_fn
         self.out_dir = Path(cfg.out_dir)
-        self.params = trainable_parameters(model)
+        self.params = self.adapter.trainable_parameters(model)
         self._place_model()
         self.mix = self._mix()
         self.data_ids = {k: data_fingerprint(v) for k, v in self.train_sets.items()}
@@ -136,11 +132,13 @@ class Trainer:
         self.warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
                        else round(cfg.warmup_epochs * self._steps_per_epoch()))
         self.optimizer = build_optimizer(self.params, self.lr, cfg.weight_decay, cfg.betas,
-                                         model.adapter.lr_scales())
+                                         self.adapter.lr_scales())
         self.kind_params = self._kind_params()
         self.step = 0
+        self.bad_in_a_row, self.bad_steps = 0, 0  # skipped steps (non-finite loss or gradient)
         if self.dist.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            check_out_dir(self.out_dir, checkpoint_bytes(self.params.values()))
+            remove_stale_temporaries(self.out_dir)
         self.log = RunLog(self.out_dir / "log.jsonl", enabled=self.dist.main)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -152,6 +150,11 @@ class Trainer:
             dtype = torch.float32 if id(p) in trainable else base_dtype
             if p.device != self.device or p.dtype != dtype:
                 p.data = p.data.to(self.device, dtype)
+        for block in cast(list[Block], list(self.model.layers)):
+            block.checkpointed = self.cfg.activation_checkpointing
+        if self.cfg.shard == "fsdp":  # the frozen block weights only; the rest stays replicated
+            outside_blocks = {p for n, p in self.model.named_parameters() if not n.startswith("layers.")}
+            shard_frozen_base(self.model.layers, self.model, set(self.params.values()) | outside_blocks, self.dist)
 
     def _mix(self) -> dict[str, float]:
         kinds = sorted(self.train_sets)
@@ -178,8 +181,8 @@ class Trainer:
 
     def _kind_params(self) -> dict[str, list[str]]:
         """Which parameters each data kind trains (the method's mapping; default: all)."""
-        mapping = getattr(self.model.adapter, "kind_groups", None) or {}
-        groups = self.model.adapter.groups
+        mapping = self.adapter.kind_groups
+        groups = self.adapter.groups
         out = {}
         for kind in self.mix:
             names = [n for g in mapping.get(kind, list(groups)) for n in groups[g]]
@@ -201,16 +204,14 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _resume(self) -> None:
-        folder = latest_checkpoint(self.out_dir) if self.cfg.resume else None
-        if folder is None:  # a run from step 0: an earlier run's records in this folder are not its own
+        found = resumable_checkpoint(self.out_dir, print if self.dist.main else None) if self.cfg.resume else None
+        if found is None:  # a run from step 0: an earlier run's records in this folder are not its own
             self.log.truncate_after(0)
             return
-        from ..methods.io import load_adapter
-
-        state = load_trainer_state(folder)
+        folder, state = found
         if "data" in state:  # checkpoints from before the data check have no record of their data
             check_same_data(folder, state["data"], self.data_ids)
-        load_adapter(self.model, folder)
+        self.adapter.load(self.model, folder)
         self.optimizer.load_state_dict(state["optimizer"])
         for k, s in state["samplers"].items():
             self.samplers[k].load_state(s)
@@ -222,7 +223,8 @@ class Trainer:
         if not self.dist.main:
             return None
         extra = {"samplers": {k: s.state() for k, s in self.samplers.items()}, "data": self.data_ids}
-        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, extra)
+        return save_checkpoint(self.out_dir, self.step, lambda folder: self.adapter.save(self.model, folder),
+                               self.optimizer, extra)
 
     # -- the loop -----------------------------------------------------------------------------
     def _batch(self, kind: str) -> Batch:
@@ -246,18 +248,27 @@ class Trainer:
             loss_total += float(loss.detach())
         params = [self.params[n] for n in active]
         sum_gradients(params, self.dist)
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        (loss_sum,) = all_sum([loss_total], self.dist, self.device)  # a non-finite loss on any rank shows in the sum
+        tokens = sum(b.n_tokens for b in batches) * self.dist.world
+        bad = non_finite(loss_sum, params)
         lr = lr_at(self.step, self.total_steps, self.warmup, self.lr, cfg.min_lr)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        self.optimizer.step()
+        if bad is None:
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+        else:  # skipped: no parameter and no optimizer state moves; the batch is consumed
+            self.bad_in_a_row += 1
+            self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         for p in self.params.values():
             p.requires_grad_(True)
-        (loss_sum,) = all_sum([loss_total], self.dist, self.device)
-        tokens = sum(b.n_tokens for b in batches) * self.dist.world
         self.step += 1
+        if bad is not None:
+            return {"step": self.step, "kind": kind, "skipped": bad, "bad_in_a_row": self.bad_in_a_row,
+                    "bad_steps": self.bad_steps, "lr": lr, "tokens": tokens, "label_tokens": int(label_tokens)}
         return {"step": self.step, "kind": kind, "loss": loss_sum / label_tokens, "lr": lr, "tokens": tokens,
                 "label_tokens": int(label_tokens)}
 
@@ -267,15 +278,18 @@ class Trainer:
             return None
         self.model.eval()
         shard = self.val[self.dist.rank:: self.dist.world]
-        n_batches = math.ceil(len(shard) / self.cfg.batch_size)
+        # the same batch count on every rank: a sharded forward all-gathers, so all ranks must run it
+        n_batches = math.ceil(math.ceil(len(self.val) / self.dist.world) / self.cfg.batch_size)
         if self.cfg.eval_batches:
             n_batches = min(n_batches, self.cfg.eval_batches)
         loss_sum, tokens = 0.0, 0.0
         for i in range(n_batches):
-            b = self.collate(shard[i * self.cfg.batch_size: (i + 1) * self.cfg.batch_size]).to(self.device)
+            rows = shard[i * self.cfg.batch_size: (i + 1) * self.cfg.batch_size]
+            b = self.collate(rows or self.val[:1]).to(self.device)  # an idle rank runs a discarded batch
             with autocast(self.device, self.amp_dtype):
-                loss_sum += float(self.loss_fn(self.model, b))
-            tokens += b.n_label_tokens
+                loss = float(self.loss_fn(self.model, b))
+            if rows:
+                loss_sum, tokens = loss_sum + loss, tokens + b.n_label_tokens
         loss_sum, tokens = all_sum([loss_sum, tokens], self.dist, self.device)
         return loss_sum / max(tokens, 1)
 
@@ -288,31 +302,72 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.dist.main),
                    desc="training", unit="step", dynamic_ncols=True)
         tokens_done, last, val = 0, None, None
-        while self.step < self.total_steps:
-            rec = self.train_step()
-            elapsed = time.perf_counter() - t0
-            tokens_done += rec["tokens"]
-            rec.update(tok_per_s=tokens_done / elapsed, elapsed=round(elapsed, 3))
-            last = rec["loss"]
-            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                self.log.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_per_s']:.0f}", kind=rec["kind"])
-            bar.update(1)
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
-                val = self.evaluate()
-                if val is not None:
-                    self.log.write({"step": self.step, "val_loss": val})
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
-                self.save()
+        with StopOnSignal() as stop:
+            while self.step < self.total_steps:
+                tokens_done, loss = self._one_step(bar, t0, tokens_done)
+                last = loss if loss is not None else last
+                if self.step < self.total_steps and self._stop_requested(stop):  # the last step just finishes
+                    bar.close()
+                    saved = self.save()
+                    barrier(self.dist)  # no rank exits (and has torchrun stop the others) before the save is done
+                    raise TrainingInterrupted(self.step, saved, stop.requested or "a signal to another rank")
         bar.close()
         val = self.evaluate()
         if val is not None:
             self.log.write({"step": self.step, "val_loss": val})
         self.save()
         if self.dist.main:
-            save_adapter(self.model, self.out_dir)
-            plot_losses(self.log.records(), self.out_dir / "loss.png", title=f"{self.model.adapter.method}")
+            self._save_final_adapter()
+            plot_losses(self.log.records(), self.out_dir / "loss.png", title=f"{self.adapter.method}")
         seconds = time.perf_counter() - t0
         steps_run = self.step - start_step
         return TrainResult(self.step, last, val, seconds, self.out_dir,
                            tokens_done / seconds if steps_run else 0.0, start_step)
+
+    def _save_final_adapter(self) -> None:
+        try:
+            self.adapter.save(self.model, self.out_dir)
+        except OSError as e:
+            raise CheckpointWriteError(e.errno, f"could not write the final adapter to {self.out_dir} "
+                                                f"({e.strerror or e}); checkpoint-{self.step:07d} there holds the same "
+                                                f"weights (la.load_adapter works on it)") from e
+
+    def _stop_requested(self, stop: StopOnSignal) -> bool:
+        """Whether any rank got a stop signal: every rank must save (and stop at) the same step."""
+        flag = 1.0 if stop.requested else 0.0
+        if self.dist.world > 1:
+            (flag,) = all_sum([flag], self.dist, self.device)
+        return flag > 0
+
+    def _one_step(self, bar: Any, t0: float, tokens_done: int) -> tuple[int, float | None]:
+        """One step with its log record, progress bar, evaluation and checkpoint: (tokens so far, its loss)."""
+        rec = self.train_step()
+        elapsed = time.perf_counter() - t0
+        tokens_done += rec["tokens"]
+        rec.update(tok_per_s=tokens_done / elapsed, elapsed=round(elapsed, 3))
+        if "skipped" in rec:
+            self._skipped(rec)
+        elif self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+            self.log.write(rec)
+        if "loss" in rec:
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_per_s']:.0f}", kind=rec["kind"])
+        bar.update(1)
+        if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
+            val = self.evaluate()
+            if val is not None:
+                self.log.write({"step": self.step, "val_loss": val})
+        if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+            self.save()
+        return tokens_done, rec.get("loss")
+
+    def _skipped(self, rec: dict[str, Any]) -> None:
+        """Log a step skipped for a non-finite loss or gradient; too many in a row stop the run."""
+        self.log.write(rec)  # always, whatever log_every
+        if self.dist.main:
+            print(f"warning: step {self.step} skipped: {rec['skipped']} ({self.bad_in_a_row} in a row, "
+                  f"{self.bad_steps} in all)", flush=True)
+        if self.bad_in_a_row >= self.cfg.max_bad_steps:
+            raise NonFiniteStop(
+                f"{self.bad_in_a_row} steps in a row (to step {self.step}) had a non-finite loss or gradient "
+                f"(train.max_bad_steps={self.cfg.max_bad_steps}); nothing was learnt from them. Lower the learning "
+                f"rate, use precision fp32 or check the data, then resume from the last checkpoint in {self.out_dir}")

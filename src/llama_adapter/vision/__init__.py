@@ -11,9 +11,17 @@ from .encoders import (
     VisionFeatures,
     default_vit_layers,
     load_encoder,
+    projected_clip_spec,
 )
 from .images import ImageSource, blank_image, image_digest, load_image, to_rgb
-from .projectors import GlobalMLPProjector, LavinNeck, QueryBlock, VisualQueryProjector, grid_position_embedding
+from .projectors import (
+    GlobalMLPProjector,
+    LavinNeck,
+    QueryBlock,
+    ReleaseQueryProjector,
+    VisualQueryProjector,
+    grid_position_embedding,
+)
 from .standardize import FeatureStandardizer
 
 __all__ = [
@@ -28,6 +36,7 @@ __all__ = [
     "ImageSource",
     "LavinNeck",
     "QueryBlock",
+    "ReleaseQueryProjector",
     "SiglipEncoder",
     "VisionFeatures",
     "VisualQueryProjector",
@@ -36,6 +45,7 @@ __all__ = [
     "default_vit_layers",
     "image_digest",
     "load_encoder",
+    "projected_clip_spec",
     "load_image",
     "to_rgb",
 ]

@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .encoders import ImageEncoder, VisionFeatures
+from .features import ImageEncoder, VisionFeatures
 from .images import image_digest, load_image
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write: Callable[..., object]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -60,6 +60,7 @@ class FeatureCache:
         self._digests: dict[tuple[str, int, int], str] = {}
 
     def path_for(self, digest: str) -> Path:
+        """Where the features of the image with this sha256 digest are (or will be) stored."""
         return self.folder / f"{digest}.safetensors"
 
     def _digest(self, src: str | os.PathLike | bytes) -> str:

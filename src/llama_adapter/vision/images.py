@@ -102,5 +102,5 @@ def image_digest(src: str | os.PathLike | bytes) -> str:
 
 def blank_image(size: int | tuple[int, int] = 224, value: int = 128) -> Image.Image:
     """A uniform grey RGB image: swap it in to check that a model really uses the picture."""
-    wh = (size, size) if isinstance(size, int) else tuple(size)
-    return Image.new("RGB", wh, (value, value, value))
+    w, h = (size, size) if isinstance(size, int) else size
+    return Image.new("RGB", (w, h), (value, value, value))

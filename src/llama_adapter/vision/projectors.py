@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders import VisionFeatures
+from .features import VisionFeatures
 
 _ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -52,6 +52,7 @@ class GlobalMLPProjector(nn.Module):
         self.out_norm = nn.LayerNorm(out_dim) if output_norm else None
 
     def forward(self, features: VisionFeatures | Sequence[torch.Tensor]) -> torch.Tensor:
+        """The globals (a VisionFeatures or a list of [B, D_i]) -> one visual token [B, out_dim]."""
         feats = _globals_of(features, self.in_dims, "GlobalMLPProjector")
         if self.norms is not None:
             feats = [norm(g) for norm, g in zip(self.norms, feats)]
@@ -95,11 +96,13 @@ class QueryBlock(nn.Module):
         self.mlp = _Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, dim] -> [B, N, dim]: pre-norm self-attention, then a pre-norm MLP, each residual."""
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
-def grid_position_embedding(n_tokens: int, width: int, device=None, dtype=None) -> torch.Tensor:
+def grid_position_embedding(n_tokens: int, width: int, device: torch.device | str | None = None,
+                            dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fixed 2-D sine-cosine embedding [n_tokens, width] of a square grid (1-D when N is not a square).
 
     Half the channels encode the row, half the column, each as sines and cosines at geometric
@@ -148,6 +151,7 @@ class VisualQueryProjector(nn.Module):
         self.out_norm = nn.LayerNorm(out_dim)
 
     def forward(self, features: VisionFeatures | torch.Tensor) -> torch.Tensor:
+        """The token grid (a VisionFeatures or [B, N, token_dim]) -> visual tokens [B, n_queries, out_dim]."""
         tokens = features.tokens if isinstance(features, VisionFeatures) else features
         if tokens.dim() != 3 or tokens.shape[-1] != self.token_dim:
             raise ValueError(f"VisualQueryProjector expects tokens [B, N, {self.token_dim}], got {tuple(tokens.shape)}")
@@ -158,6 +162,47 @@ class VisualQueryProjector(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.out_norm(self.out_proj(x[:, : self.n_queries]))
+
+
+class ReleaseQueryProjector(nn.Module):
+    """The LLaMA-Adapter V2 multimodal release's projector, module for module (its parameter names too).
+
+    tokens [B, N, token_dim] (CLIP's projected tokens, [CLS] included) -> clip_proj (Linear) ->
+    clip_proj_norm (LayerNorm) -> prepend the learnable `visual_query` rows -> `visual_blocks`
+    (pre-norm QueryBlocks, no position embedding) -> first n_queries -> visual_proj (Linear) ->
+    visual_proj_norm (LayerNorm) -> [B, n_queries, out_dim]. The release: 768 wide, 8 blocks of 16
+    heads, 10 queries. Unlike VisualQueryProjector it adds no position embedding (CLIP's tokens carry
+    their own).
+    """
+
+    def __init__(self, token_dim: int, out_dim: int, n_queries: int = 10, n_blocks: int = 8, n_heads: int = 16,
+                 mlp_ratio: float = 4.0, width: int | None = None) -> None:
+        super().__init__()
+        width = token_dim if width is None else width
+        if min(token_dim, out_dim, n_queries, width, n_heads) < 1 or n_blocks < 0 or width % n_heads:
+            raise ValueError(f"ReleaseQueryProjector needs positive sizes and width divisible by n_heads, got "
+                             f"token_dim={token_dim}, out_dim={out_dim}, n_queries={n_queries}, width={width}, "
+                             f"n_heads={n_heads}")
+        self.token_dim, self.n_queries = token_dim, n_queries
+        self.clip_proj = nn.Linear(token_dim, width)
+        self.clip_proj_norm = nn.LayerNorm(width)
+        self.visual_query = nn.Embedding(n_queries, width)
+        self.visual_blocks = nn.ModuleList([QueryBlock(width, n_heads, mlp_ratio) for _ in range(n_blocks)])
+        self.visual_proj = nn.Linear(width, out_dim)
+        self.visual_proj_norm = nn.LayerNorm(out_dim)
+
+    def forward(self, features: VisionFeatures | torch.Tensor) -> torch.Tensor:
+        """The token grid (a VisionFeatures or [B, N, token_dim]) -> visual tokens [B, n_queries, out_dim]."""
+        tokens = features.tokens if isinstance(features, VisionFeatures) else features
+        if tokens.dim() != 3 or tokens.shape[-1] != self.token_dim:
+            raise ValueError(f"ReleaseQueryProjector expects tokens [B, N, {self.token_dim}], "
+                             f"got {tuple(tokens.shape)}")
+        x = self.clip_proj_norm(self.clip_proj(tokens))
+        queries = self.visual_query.weight.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        x = torch.cat([queries, x], dim=1)
+        for block in self.visual_blocks:
+            x = block(x)
+        return self.visual_proj_norm(self.visual_proj(x[:, : self.n_queries]))
 
 
 class LavinNeck(nn.Module):
@@ -183,6 +228,7 @@ class LavinNeck(nn.Module):
         self.up = nn.Linear(hidden, out_dim)
 
     def forward(self, features: VisionFeatures | Sequence[torch.Tensor]) -> torch.Tensor:
+        """The globals (a VisionFeatures or a list of [B, D_i]) -> one visual token per tap [B, n_taps, out_dim]."""
         feats = _globals_of(features, self.in_dims, "LavinNeck")
         if len(self.down) == 1:
             hidden = next(iter(self.down.values()))(torch.stack(feats, dim=1))

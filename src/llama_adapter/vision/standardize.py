@@ -14,18 +14,32 @@ behaves the same after reloading.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
 
-from .encoders import VisionFeatures
+from .features import VisionFeatures
 
 VARIANCE_FLOOR = 1e-4  # channels that never vary stay near zero instead of blowing up
 CLIP = 10.0  # standardised values are clipped: an image unlike the training set cannot dominate
 
 
+def _rank_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks of a torchrun job (identity in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
 class _RunningMoments(nn.Module):
     """Count, mean and sum of squared deviations of [N, D] rows, merged batch by batch."""
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -35,12 +49,15 @@ class _RunningMoments(nn.Module):
 
     @torch.no_grad()
     def update(self, rows: torch.Tensor) -> None:
+        """Merge the batch's rows; in a torchrun job the batch is the global one (every rank's rows,
+        so that all ranks keep the same statistics, equal to one process's on the whole batch)."""
         x = rows.detach().to(torch.float64)
-        n_b = x.shape[0]
+        head = _rank_sum(torch.cat([x.new_full((1,), x.shape[0]), x.sum(0)]))
+        n_b = float(head[0])
         if n_b == 0:
             return
-        mean_b = x.mean(0)
-        m2_b = ((x - mean_b) ** 2).sum(0)
+        mean_b = head[1:] / n_b
+        m2_b = _rank_sum(((x - mean_b) ** 2).sum(0))
         n_a = self.count.clone()
         n = n_a + n_b
         delta = mean_b - self.mean
@@ -64,11 +81,22 @@ class FeatureStandardizer(nn.Module):
         self.globals = nn.ModuleList([_RunningMoments(d) for d in global_dims])
         self.tokens = _RunningMoments(token_dim)
 
+    def _global_moments(self) -> list[_RunningMoments]:
+        """The per-tap statistics (typed: nn.ModuleList yields plain Modules to a type checker)."""
+        return cast(list[_RunningMoments], list(self.globals))
+
+    def observe_no_images(self) -> None:
+        """A training batch without images: in a torchrun job this rank still takes its part in merging
+        the batch statistics over the ranks (its peers may have images), with zero rows."""
+        if self.training and torch.is_grad_enabled():
+            for moments in [*self._global_moments(), self.tokens]:
+                moments.update(moments.mean.new_zeros((0, moments.mean.numel())))
+
     def forward(self, feats: VisionFeatures) -> VisionFeatures:
         """Update the statistics with these images in a training step, then standardise them."""
         if self.training and torch.is_grad_enabled():
-            for moments, g in zip(self.globals, feats.globals):
+            for moments, g in zip(self._global_moments(), feats.globals):
                 moments.update(g)
             self.tokens.update(feats.tokens.flatten(0, 1))
-        return VisionFeatures([m.standardize(g) for m, g in zip(self.globals, feats.globals)],
+        return VisionFeatures([m.standardize(g) for m, g in zip(self._global_moments(), feats.globals)],
                               self.tokens.standardize(feats.tokens))
