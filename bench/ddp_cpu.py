@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -22,6 +21,9 @@ import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_data_1k.json"
@@ -79,8 +81,9 @@ def main() -> int:
     res = {
         "command": "python bench/ddp_cpu.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-        "contention": "measured on a shared 2-core machine while other jobs ran: timings are noisy",
+        "machine": machine_info(),
+        "contention": ("other jobs competed for the cores: timings are noisy" if max(load_before[0], os.getloadavg()[0])
+                       > 1.5 else "a quiet machine"),
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "model": "smollm2-135m + adapter_v1 (K=10, L=30)", "data": "alpaca_data_1k", "global_batch": a.batch,
         "max_len": a.max_len, "steps": a.steps, "timed_steps": a.steps - 2,
@@ -92,8 +95,9 @@ def main() -> int:
     out = Path(a.out)
     (out / "ddp_cpu.json").write_text(json.dumps(res, indent=2) + "\n")
     md = [f"# Two processes x 1 thread vs one process x 2 threads (CPU, gloo), {res['date']}", "",
-          f"Command: `{res['command']}`; machine: {res['machine']['platform']}, {res['machine']['cpus']} CPUs. "
-          f"{res['contention']} (1-minute load average {res['load_average_before_after'][0]} before, "
+          f"Command: `{res['command']}`; machine: {res['machine']['cpu']}, {res['machine']['logical_cpus']} CPUs, "
+          f"torch {res['machine']['torch']}. "
+          f"Load: {res['contention']} (1-minute load average {res['load_average_before_after'][0]} before, "
           f"{res['load_average_before_after'][1]} after).", "",
           f"{res['model']} on {res['data']}, global batch {a.batch}, max_len {a.max_len}, {a.steps} steps "
           f"(the first 2 not timed).", "",

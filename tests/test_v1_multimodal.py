@@ -65,6 +65,20 @@ def test_training_moves_projector_and_the_model_then_looks(tiny_folder, tmp_path
     assert not torch.allclose(with_image, blank)
 
 
+def test_a_bf16_base_trains_with_the_encoder_kept_fp32(tiny_folder, tmp_path, monkeypatch, synth):
+    """base_dtype bf16 stores the language model's weights in bf16; the image encoder, whose batch-norm
+    statistics are fp32 buffers, keeps its dtype (casting its weights alone failed in the first step)."""
+    model, tok = mm_model(tiny_folder, tmp_path, monkeypatch)
+    examples = [encode_conversation(tok, r, 128, "chat") for r in read_llava(synth.llava_train)]
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=2, batch_size=4, lr=1e-2, progress=False,
+                      precision="bf16", base_dtype="bf16")
+    result = Trainer(model, cfg, {"vqa": examples}, collate_fn=lambda ex: collate_multimodal(ex, tok.pad_id)).fit()
+    assert result.train_loss is not None and result.train_loss == result.train_loss  # finite, not NaN
+    assert model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.visual.parameters())
+    assert all(p.dtype == torch.float32 for p in la.trainable_parameters(model).values())
+
+
 def test_feature_statistics_are_saved_and_reloaded(tiny_folder, tmp_path, monkeypatch, synth):
     model, tok = mm_model(tiny_folder, tmp_path, monkeypatch)
     images = [r.image for r in read_llava(synth.llava_train)][:4]

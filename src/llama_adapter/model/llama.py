@@ -245,6 +245,13 @@ class LlamaLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
+    def base_parameters(self) -> list[nn.Parameter]:
+        """The language model's own weights (embedding, blocks' projections and norms, head), not what a
+        method attached beside them (an image encoder, a projector), which keeps its own dtype and buffers."""
+        own = (self.embed_tokens, self.norm, self.lm_head, *[m for m in self.layers.modules()
+                                                                if isinstance(m, (nn.Linear, RMSNorm))])
+        return list({id(p): p for m in own for p in m.parameters(recurse=False)}.values())
+
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
 

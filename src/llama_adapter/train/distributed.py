@@ -79,9 +79,10 @@ def sum_gradients(params: list[torch.nn.Parameter], d: Dist, bucket_elements: in
                 flat[-len(bucket) + i] = 1.0
             offset += p.numel()
         dist.all_reduce(flat)
+        touched = flat[-len(bucket):].tolist()  # one device sync per bucket, not one per parameter
         offset = 0
         for i, p in enumerate(bucket):
-            if flat[-len(bucket) + i] > 0:
+            if touched[i] > 0:
                 g = flat[offset: offset + p.numel()].view_as(p).to(p.dtype)
                 if p.grad is None:
                     p.grad = g.clone()

@@ -143,11 +143,13 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------
     def _place_model(self) -> None:
-        """Frozen base in the storage dtype asked for; trainable parameters always fp32."""
+        """The language model's frozen weights in the storage dtype asked for; trainable parameters, and
+        what a method attached beside the model (an image encoder with batch-norm statistics), stay fp32."""
         base_dtype = torch.bfloat16 if self.cfg.base_dtype == "bf16" else torch.float32
         trainable = {id(p) for p in self.params.values()}
+        base = {id(p) for p in self.model.base_parameters()}
         for p in self.model.parameters():
-            dtype = torch.float32 if id(p) in trainable else base_dtype
+            dtype = base_dtype if id(p) in base and id(p) not in trainable else torch.float32
             if p.device != self.device or p.dtype != dtype:
                 p.data = p.data.to(self.device, dtype)
         for block in cast(list[Block], list(self.model.layers)):
