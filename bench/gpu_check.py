@@ -247,7 +247,7 @@ def train_method(name: str, cfg, shape: dict[str, Any], clip: Path, images: list
     tokens = steps * batch * length
     flops = matmul_flops_per_token(cfg, length, split.layers_with_grad) * tokens
     result = {"trainable": split.trainable, "layers_with_grad": split.layers_with_grad, "steps_timed": steps,
-              "tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds / steps, 4),
+              "tokens_per_s": round(tokens / seconds, 1), "step_s": float(f"{seconds / steps:.6g}"),
               "peak_memory_gib": peak_gib(device), "achieved_tflops": round(flops / seconds / 1e12, 3),
               "losses_finite": all(np.isfinite(losses))}
     del trainer, model
@@ -297,7 +297,7 @@ def train_peft(shape: dict[str, Any], device: torch.device, steps: int, warmup: 
             seconds += time.perf_counter() - t0
     tokens = steps * batch * length
     result = {"trainable": sum(p.numel() for p in params), "tokens_per_s": round(tokens / seconds, 1),
-              "step_s": round(seconds / steps, 4), "peak_memory_gib": peak_gib(device),
+              "step_s": float(f"{seconds / steps:.6g}"), "peak_memory_gib": peak_gib(device),
               "loss_finite": bool(torch.isfinite(loss).item())}
     del model, base, opt
     reset_peak(device)
