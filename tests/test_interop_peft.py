@@ -66,7 +66,6 @@ def test_peft_adaption_prompt_loads_with_peft_logits(tmp_path, capsys):
     assert capsys.readouterr().out == la.generate(model, tok, ["Hello"], max_new_tokens=3)[0] + "\n"
 
 
-@pytest.mark.slow
 def test_our_scalar_gate_v1_saved_as_peft_loads_in_peft(tmp_path):
     torch.manual_seed(1)
     model = ours()
@@ -80,7 +79,6 @@ def test_our_scalar_gate_v1_saved_as_peft_loads_in_peft(tmp_path):
     torch.testing.assert_close(peft_logits(pm), want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.slow
 def test_peft_lora_loads_with_peft_logits(tmp_path):
     torch.manual_seed(2)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -100,7 +98,6 @@ def test_peft_lora_loads_with_peft_logits(tmp_path):
     torch.testing.assert_close(our_logits(model), want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.slow
 def test_our_lora_only_v2_saved_as_peft_loads_in_peft(tmp_path):
     torch.manual_seed(3)
     model = ours()

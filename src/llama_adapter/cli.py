@@ -438,11 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llama_adapter.train.distributed import close_process_group
     from llama_adapter.train.faults import CheckpointWriteError, NonFiniteStop, TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        finally:
+            close_process_group()
     except TrainingInterrupted as e:  # a checkpoint was written: exit code 75 says "rerun to resume"
         print(f"llama-adapter {args.command}: {e}", file=sys.stderr)
         return e.exit_code

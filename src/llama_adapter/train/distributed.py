@@ -46,6 +46,13 @@ def init_from_env(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def close_process_group() -> None:
+    """Leave the process group (torchrun) before the interpreter exits: a gloo group still alive at exit
+    aborted a rank now and then ("terminate called without an active exception") after a finished run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _buckets(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn.Parameter]]:
     out: list[list[torch.nn.Parameter]] = [[]]
     size = 0

@@ -321,6 +321,7 @@ class Trainer:
         if self.dist.main:
             self._save_final_adapter()
             plot_losses(self.log.records(), self.out_dir / "loss.png", title=f"{self.adapter.method}")
+        barrier(self.dist)  # every rank leaves the run together, once rank 0 has written everything
         seconds = time.perf_counter() - t0
         steps_run = self.step - start_step
         return TrainResult(self.step, last, val, seconds, self.out_dir,
