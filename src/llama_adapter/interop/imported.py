@@ -8,6 +8,7 @@ method built on the meta device, which costs no memory) before the model is touc
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,22 @@ def refuse_keys(origin: str, keys: list[str], why: str) -> None:
     if keys:
         shown = ", ".join(sorted(keys)[:8]) + (f" (and {len(keys) - 8} more)" if len(keys) > 8 else "")
         raise ValueError(f"{origin}: cannot load {shown}: {why}")
+
+
+def visual_keys(origin: str, state: dict[str, torch.Tensor], prefixes: tuple[str, ...], skip_visual: bool,
+                vision: str | None, unmapped: Callable[[str], bool], needs_vision: str, not_mapped: str,
+                text_only: str) -> tuple[list[str], list[str]]:
+    """(the visual keys of a release file, notes): refused without a `vision` encoder to map them onto
+    (`needs_vision`), refused where `unmapped` (`not_mapped`), or dropped with a note under `skip_visual`."""
+    visual = [k for k in state if k.startswith(prefixes)]
+    if not visual:
+        return visual, []
+    if skip_visual:
+        return visual, [f"dropped {len(visual)} visual tensors (skip_visual): {text_only}"]
+    if not vision:
+        refuse_keys(origin, visual, needs_vision)
+    refuse_keys(origin, [k for k in visual if unmapped(k)], not_mapped)
+    return visual, []
 
 
 def shape_why(model: LlamaLM) -> str:

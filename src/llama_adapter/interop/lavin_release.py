@@ -29,7 +29,7 @@ import torch
 
 from ..methods.lavin import LavinConfig
 from ..model.llama import LlamaLM
-from .imported import Imported, expect_shape, refuse_keys, shape_why
+from .imported import Imported, expect_shape, refuse_keys, shape_why, visual_keys
 
 ADAPTER = re.compile(r"layers\.(\d+)\.(adapter_attn|adapter_mlp)\.(conv_A|conv_B|conv_D|expert_weights)\.(weight|bias)")
 SLOTS = {"adapter_attn": "attn_adapter", "adapter_mlp": "ffn_adapter"}
@@ -61,18 +61,15 @@ def import_lavin(model: LlamaLM, state: dict[str, torch.Tensor], origin: str, ar
                  skip_visual: bool = False, temperature: float | None = None, scale: float | None = None,
                  vision: str | None = None) -> Imported:
     c, why = model.config, shape_why(model)
-    visual = [k for k in state if k.startswith(VISUAL_PREFIXES)]
-    notes = []
-    if visual and not skip_visual and not vision:
-        refuse_keys(origin, visual, "LaVIN's visual side (MM-adapters inside CLIP ViT-L/14 and the adapter_proj "
-                    "neck) needs the CLIP it was trained with: pass vision='clip:<folder>' (convert: --vision) to "
-                    "map it, or skip_visual=True (convert: --skip-visual) to load a text-only LaVIN")
-    if visual and not skip_visual:
-        refuse_keys(origin, [k for k in visual if not (VIT_ADAPTER.fullmatch(k) or NECK.fullmatch(k))],
-                    "not part of LaVIN's visual side as mapped here (ViT adapters adapter_attn, the adapter_proj "
-                    "neck); CLIP's own weights are read from the vision folder")
-    if visual and skip_visual:
-        notes.append(f"dropped {len(visual)} visual tensors (skip_visual): a text-only LaVIN")
+    visual, notes = visual_keys(
+        origin, state, VISUAL_PREFIXES, skip_visual, vision,
+        unmapped=lambda k: not (VIT_ADAPTER.fullmatch(k) or NECK.fullmatch(k)),
+        needs_vision="LaVIN's visual side (MM-adapters inside CLIP ViT-L/14 and the adapter_proj neck) needs the "
+                     "CLIP it was trained with: pass vision='clip:<folder>' (convert: --vision) to map it, or "
+                     "skip_visual=True (convert: --skip-visual) to load a text-only LaVIN",
+        not_mapped="not part of LaVIN's visual side as mapped here (ViT adapters adapter_attn, the adapter_proj "
+                   "neck); CLIP's own weights are read from the vision folder",
+        text_only="a text-only LaVIN")
     unknown = [k for k in state if k not in visual and k != MODALITY and not ADAPTER.fullmatch(k)]
     refuse_keys(origin, unknown, "not part of a LaVIN checkpoint as mapped here (adapters, router, modality "
                 "embedding)")

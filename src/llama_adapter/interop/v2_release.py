@@ -28,7 +28,7 @@ import torch
 from ..methods.adapter_v2 import LINEARS, AdapterV2Config
 from ..model.llama import LlamaLM
 from ..model.meta import meta_to_hf_rows
-from .imported import Imported, expect_shape, refuse_keys, release_prompts, shape_why
+from .imported import Imported, expect_shape, refuse_keys, release_prompts, shape_why, visual_keys
 
 VISUAL_PREFIXES = ("clip_proj.", "clip_proj_norm.", "visual_query.", "visual_blocks.", "visual_proj.",
                    "visual_proj_norm.", "clip.")
@@ -66,18 +66,14 @@ def import_v2_release(model: LlamaLM, state: dict[str, torch.Tensor], origin: st
     c, why = model.config, shape_why(model)
     layer0 = model.layers[0]
     sizes = {short: tuple(getattr(getattr(layer0, part), name).weight.shape) for short, (part, name) in LINEAR.items()}
-    visual = [k for k in state if k.startswith(VISUAL_PREFIXES)]
-    notes = []
-    if visual and not skip_visual and not vision:
-        refuse_keys(origin, visual, "the V2 release's visual parts need the CLIP ViT-L/14 they were trained on: "
-                    "pass vision='clip:<folder>' (convert: --vision) to map them, or skip_visual=True "
-                    "(convert: --skip-visual) to load the language-model part alone")
-    if visual and not skip_visual:
-        refuse_keys(origin, [k for k in visual if not k.startswith(PROJECTOR_PREFIXES)],
-                    "CLIP's own weights are read from the vision folder, not from the adapter file")
-    if visual and skip_visual:
-        notes.append(f"dropped {len(visual)} visual tensors (skip_visual): the prompts act without the release's "
-                     f"visual tokens, i.e. text-only")
+    visual, notes = visual_keys(
+        origin, state, VISUAL_PREFIXES, skip_visual, vision,
+        unmapped=lambda k: not k.startswith(PROJECTOR_PREFIXES),
+        needs_vision="the V2 release's visual parts need the CLIP ViT-L/14 they were trained on: pass "
+                     "vision='clip:<folder>' (convert: --vision) to map them, or skip_visual=True (convert: "
+                     "--skip-visual) to load the language-model part alone",
+        not_mapped="CLIP's own weights are read from the vision folder, not from the adapter file",
+        text_only="the prompts act without the release's visual tokens, i.e. text-only")
     if prompt_len is None:
         prompt_len = state["visual_query.weight"].shape[0] if "visual_query.weight" in state else 10
     tensors: dict[str, torch.Tensor] = {}
