@@ -180,6 +180,33 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     return 0
 
 
+@command("serve")
+def cmd_serve(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from llama_adapter.device import set_threads
+    from llama_adapter.serve import ServeConfig, Server, create_app
+
+    set_threads(a.threads)
+    adapters: dict[str, str] = {}
+    for spec in a.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {spec!r}: give it as NAME=DIR")
+        if name in adapters:
+            raise ValueError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = path
+    cfg = ServeConfig(model=a.model, adapters=adapters, experts=a.expert, host=a.host, port=a.port,
+                      max_batch=a.max_batch, max_queue=a.max_queue, max_tokens=a.max_tokens, api_key=a.api_key,
+                      allow_remote_images=a.allow_remote_images, dtype=a.dtype, device=a.device, force=a.force)
+    server = Server.load(cfg)
+    names = ", ".join(server.served)
+    print(f"serving {names} on http://{cfg.host}:{cfg.port} (max batch {cfg.max_batch}, queue {cfg.max_queue}"
+          f"{', API key required' if cfg.api_key else ''})", flush=True)
+    uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level=a.log_level)
+    return 0
+
+
 @command("export")
 def cmd_export(a: argparse.Namespace) -> int:
     from llama_adapter.methods.export import export_folded
@@ -428,6 +455,28 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--prompt-len", type=int, default=None, help="prompt rows per layer of a release (default 10)")
     cv.add_argument("--lavin-temperature", type=float, default=None, help="LaVIN's routing temperature")
     cv.add_argument("--dtype", default=None, help="the base model's dtype while converting (default fp32)")
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible server (and a web page) for the base model and many "
+                                      "adapters, batched together")
+    sv.add_argument("--model", default="smollm2-135m", help="the base model (default: smollm2-135m)")
+    sv.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                    help="serve an adapter (any format `convert` reads) under NAME (repeatable)")
+    add_expert_arg(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which a request gets 429")
+    sv.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
+    sv.add_argument("--api-key", default=None,
+                    help="require Authorization: Bearer KEY on every endpoint but /health (or set "
+                         "LLAMA_ADAPTER_API_KEY)")
+    sv.add_argument("--allow-remote-images", action="store_true",
+                    help="also read http(s) image URLs and local paths (default: data: URLs only)")
+    sv.add_argument("--dtype", default=None, help="fp32 or bf16 (fp16 only on a GPU)")
+    sv.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    sv.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    sv.add_argument("--force", action="store_true", help="load adapters that name another base model")
+    sv.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
 
     pc = sub.add_parser("params", help="count a recipe's trainable parameters and estimate its memory per device "
                                        "(no weights needed)")

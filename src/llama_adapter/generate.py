@@ -145,7 +145,7 @@ def encode_prompts(tok: Tokenizer, prompts: Sequence[str], chat: bool) -> list[l
     return [tok.encode(p) for p in prompts]
 
 
-class _TextTracker:
+class TextTracker:
     """Turns a growing list of token ids into text deltas, cutting at EOS and stop strings."""
 
     def __init__(self, tok: Tokenizer, stop: tuple[str, ...]):
@@ -203,7 +203,7 @@ def stream_ids(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[int], sampli
 
 def stream_batch(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequence[int]], s: Sampling,
                  images: Sequence[Any] | None = None) -> Iterator[list[str]]:
-    trackers = [_TextTracker(tok, s.stop) for _ in prompt_ids]
+    trackers = [TextTracker(tok, s.stop) for _ in prompt_ids]
     for tokens in generate_tokens(model, tok, prompt_ids, s, images):
         deltas = [t.push(int(x)) for t, x in zip(trackers, tokens.tolist())]
         if any(deltas):

@@ -99,6 +99,16 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    @classmethod
+    def hook_state(cls, length: int, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                   state: dict[Any, torch.Tensor]) -> KVCache:
+        """A cache with no keys/values of its own: what hooks read (prompt keys/values, routing, a
+        length > 0 meaning a decode step) for rows whose keys/values live in another buffer (serve/engine.py)."""
+        out = cls.__new__(cls)
+        out.k = out.v = torch.empty(0)
+        out.max_len, out.length, out.prefix, out.state = length, length, prefix, state
+        return out
+
     def select_rows(self, index: torch.Tensor) -> KVCache:
         """A cache whose row i is row index[i] of this one (several continuations of one prompt)."""
         out = KVCache.__new__(KVCache)

@@ -1,0 +1,303 @@
+"""Continuous batching: sequences join a running decode batch at token boundaries and leave it when done.
+
+A request is prefilled alone on its own adapter's model (a weight-sharing copy of the base, with
+the adapter in its hooks); its keys/values then move into the batch's buffer, and from there on
+every step decodes one token for every row in one forward pass of the batch's model.
+
+Rows are right-aligned: each row's newest token sits in column `length - 1`, so one step writes
+every row's new keys at the same column and the columns before a row's prompt are masked out.
+Positions are counted per row, so a row's columns need not start at 0. A longer newcomer shifts
+the buffer right; columns that no live row uses any more are dropped from the left.
+
+The shared batch runs the bare base with dispatchers in every hook: each dispatcher calls the
+hooks of each row group's own adapter model on that group's rows (V1's gated prompts, LaVIN's
+routed adapters), with the group's prompt keys/values and routing weights from its prefills, so
+rows of different adapters (and of the bare base) share one forward pass of the frozen weights.
+Adapters that change the frozen linears themselves (V2's scales and biases, LoRA) cannot share it:
+they decode in a batch of their own (`shares_base`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from ..generate import prepare_prompts
+from ..model.fused import has_module_hooks
+from ..model.llama import AdaptableLinear, Block, ForwardContext, KVCache, LlamaLM
+from ..model.tokenizer import Tokenizer
+
+GROUPS = "serve_row_groups"  # extras of the shared batch: the row groups the dispatchers serve
+
+
+def shares_base(model: LlamaLM) -> bool:
+    """Whether the adapter on `model` acts only through the hooks (prefix, attn/ffn adapters) and leaves
+    every frozen linear exactly the base's: then its rows can share a forward pass with other adapters."""
+    return all(m.plain and not has_module_hooks(m) for m in model.modules() if isinstance(m, AdaptableLinear))
+
+
+@dataclass
+class Prefilled:
+    """One prompt after its prefill: the next-token logits and what its decode steps need."""
+
+    logits: torch.Tensor  # [V]
+    k: torch.Tensor  # [L, 1, G, m, d]
+    v: torch.Tensor
+    mask: torch.Tensor  # [m] bool: the columns other tokens may attend (LaVIN's modality token: no)
+    position: int  # the position of the next token
+    prefix: dict[int, tuple[torch.Tensor, torch.Tensor]]  # prompt keys/values the hooks computed
+    state: dict[Any, torch.Tensor]  # per-generation hook state (LaVIN's routing weights)
+    extras: dict[str, Any]  # the method's per-row inputs
+
+
+@torch.inference_mode()
+def prefill(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[int], image: Any = None) -> Prefilled:
+    """Run one prompt (and its image, for an adapter that takes images) through `model`."""
+    batch = prepare_prompts(model, tok, [prompt_ids], None if image is None else [image])
+    limit = model.config.max_seq_len
+    if batch.length >= limit:
+        raise ValueError(f"the prompt takes {batch.length} positions, which fills the model's context of {limit} "
+                         f"(at least one position must stay free for the answer)")
+    cache = model.new_cache(1, batch.length)
+    logits = model(batch.input_ids, inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                   cache=cache, extras=batch.extras, output_positions=(slice(None), -1))
+    mask = batch.attention_mask[0].bool()
+    return Prefilled(logits[0], cache.k, cache.v, mask, int(mask.sum()), dict(cache.prefix), dict(cache.state),
+                     dict(batch.extras))
+
+
+@dataclass
+class Row:
+    """A sequence in a decode batch."""
+
+    model: LlamaLM  # the adapter's model: its hooks act on this row
+    key: str  # rows with the same key share hooks (one adapter)
+    prefix: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    state: dict[Any, torch.Tensor]
+    extras: dict[str, Any]
+    position: int
+    token: int = -1  # the last token, the next step's input
+    owner: Any = None  # the scheduler's record
+
+
+@dataclass
+class RowGroup:
+    """The rows of one adapter in a step, with the context its hooks read."""
+
+    model: LlamaLM
+    rows: torch.Tensor | None  # row indices; None: every row
+    ctx: ForwardContext = field(repr=False)
+
+
+def _cat_rows(rows: Sequence[Row]) -> tuple[dict, dict, dict]:
+    """The rows' prompt keys/values, hook state and extras, stacked along the batch."""
+    prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer in rows[0].prefix:
+        pairs = [r.prefix[layer] for r in rows]
+        same = all(p[0] is pairs[0][0] for p in pairs)  # input-independent prompts are one [1, ...] tensor
+        prefix[layer] = pairs[0] if same else (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
+    state = {key: torch.cat([r.state[key] for r in rows]) for key in rows[0].state}
+    extras: dict[str, Any] = {}
+    for name in {n for r in rows for n in r.extras}:
+        values = [r.extras.get(name) for r in rows]
+        like = next(v for v in values if v is not None)
+        if isinstance(like, torch.Tensor) and like.dim() > 0:
+            extras[name] = torch.cat([v if v is not None else like.new_zeros(like.shape) for v in values])
+        else:
+            extras[name] = like
+    return prefix, state, extras
+
+
+class DecodeBatch:
+    """The running sequences of one model (the shared base, or one adapter that cannot share it)."""
+
+    def __init__(self, model: LlamaLM, shared: bool):
+        self.model = model
+        self.shared = shared  # dispatchers in the hooks (install_dispatchers); else the rows' own model
+        self.rows: list[Row] = []
+        self.length = 0  # columns in use; every row's newest token is in column length - 1
+        cfg = model.config
+        self._shape = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
+        self.k = self.v = torch.empty(0)
+        self.valid = torch.empty(0, dtype=torch.bool)
+        self._groups: tuple[list[RowGroup], dict, dict, dict] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return (self.k.shape[1], self.k.shape[3]) if self.k.dim() == 5 else (0, 0)
+
+    def _reserve(self, rows: int, cols: int) -> None:
+        """Grow the buffers (doubling, columns up to the context) to hold `rows` x `cols`, keeping the data."""
+        have_rows, have_cols = self.capacity
+        if rows <= have_rows and cols <= have_cols:
+            return
+        limit = self.model.config.max_seq_len
+        new_rows = max(rows, min(2 * have_rows, max(rows, 64)), 1)
+        new_cols = min(max(cols, 2 * have_cols, 64), limit)
+        if cols > new_cols:
+            raise ValueError(f"{cols} columns exceed the model's context of {limit}")
+        L, G, d = self._shape
+        dt, dev = self.model.dtype, self.model.device
+        k = torch.zeros((L, new_rows, G, new_cols, d), dtype=dt, device=dev)
+        v = torch.zeros_like(k)
+        valid = torch.zeros((new_rows, new_cols), dtype=torch.bool, device=dev)
+        n, length = len(self.rows), self.length
+        if n and length:
+            k[:, :n, :, :length] = self.k[:, :n, :, :length]
+            v[:, :n, :, :length] = self.v[:, :n, :, :length]
+            valid[:n, :length] = self.valid[:n, :length]
+        self.k, self.v, self.valid = k, v, valid
+
+    def _shift(self, delta: int) -> None:
+        """Move every row `delta` columns right (delta > 0) or left (delta < 0)."""
+        n, length = len(self.rows), self.length
+        new = length + delta
+        self._reserve(n, new + 1)
+        src, dst = (slice(0, length), slice(delta, new)) if delta > 0 else (slice(-delta, length), slice(0, new))
+        for buf in (self.k, self.v):
+            buf[:, :n, :, dst] = buf[:, :n, :, src].clone()
+        self.valid[:n, dst] = self.valid[:n, src].clone()
+        if delta > 0:
+            self.valid[:n, :delta] = False
+        self.length = new
+
+    def admit(self, row: Row, pre: Prefilled) -> None:
+        """Add a prefilled sequence; its first token (`row.token`) is decoded at the next step."""
+        m = pre.k.shape[3]
+        if m > self.length:
+            self._shift(m - self.length) if self.rows else setattr(self, "length", m)
+        n = len(self.rows)
+        self._reserve(n + 1, self.length + 1)
+        start = self.length - m
+        self.k[:, n, :, start:self.length] = pre.k[:, 0]
+        self.v[:, n, :, start:self.length] = pre.v[:, 0]
+        self.valid[n, :start] = False
+        self.valid[n, start:self.length] = pre.mask
+        self.rows.append(row)
+        self._groups = None
+
+    def remove(self, indices: Sequence[int]) -> None:
+        """Drop rows; the last row moves into each hole (one row's copy, not the whole buffer)."""
+        for i in sorted(set(indices), reverse=True):
+            last = len(self.rows) - 1
+            if i != last:
+                cols = slice(0, self.length)
+                self.k[:, i, :, cols] = self.k[:, last, :, cols]
+                self.v[:, i, :, cols] = self.v[:, last, :, cols]
+                self.valid[i, cols] = self.valid[last, cols]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        if not self.rows:
+            self.length = 0
+        self._groups = None
+
+    def _make_room(self) -> None:
+        """Make column `length` writable: drop columns no row uses, else grow."""
+        n = len(self.rows)
+        if self.length < self.capacity[1]:
+            return
+        used = self.valid[:n, :self.length].any(0)
+        unused = int(used.long().argmax()) if bool(used.any()) else self.length
+        if unused:
+            self._shift(-unused)
+        else:
+            self._reserve(n, self.length + 1)
+
+    def _row_groups(self) -> tuple[list[RowGroup], dict, dict, dict]:
+        """Per adapter: its rows and hook context; and (when not shared) the whole batch's prefix/state/extras."""
+        if self._groups is None:
+            by_key: dict[str, list[int]] = {}
+            for i, r in enumerate(self.rows):
+                by_key.setdefault(r.key, []).append(i)
+            groups = []
+            for indices in by_key.values():
+                rows = [self.rows[i] for i in indices]
+                prefix, state, extras = _cat_rows(rows)
+                index = None if len(indices) == len(self.rows) else torch.tensor(indices, device=self.model.device)
+                ctx = ForwardContext(len(rows), KVCache.hook_state(max(self.length, 1), prefix, state), extras)
+                groups.append(RowGroup(rows[0].model, index, ctx))
+            whole = ({}, {}, {}) if self.shared else _cat_rows(self.rows)
+            self._groups = (groups, *whole)
+        return self._groups
+
+    def adapters_in_step(self) -> int:
+        return len(self._row_groups()[0])
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        """Decode one token for every row from its `token`; returns the next-token logits [n, V]."""
+        self._make_room()
+        n, col = len(self.rows), self.length
+        dev = self.model.device
+        groups, prefix, state, extras = self._row_groups()
+        self.valid[:n, col] = True
+        tokens = torch.tensor([r.token for r in self.rows], device=dev)[:, None]
+        positions = torch.tensor([r.position for r in self.rows], device=dev)[:, None]
+        cache = KVCache.hook_state(col, prefix, state)
+        cache.k, cache.v, cache.max_len = self.k[:, :n], self.v[:, :n], self.capacity[1]
+        logits = self.model(tokens, attention_mask=self.valid[:n, :col + 1], position_ids=positions, cache=cache,
+                            extras={GROUPS: groups} if self.shared else extras, output_positions=(slice(None), -1))
+        self.length += 1
+        for r in self.rows:
+            r.position += 1
+        return logits
+
+
+class PrefixDispatch(nn.Module):
+    """In the shared model's attention: each group's own gated prompt on its rows (0 where none)."""
+
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, attn: nn.Module, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        out: torch.Tensor | None = None
+        for g in ctx.extras[GROUPS]:
+            own = cast(Block, g.model.layers[self.layer]).self_attn
+            if own.prefix is None:
+                continue
+            term = own.prefix(own, q if g.rows is None else q[g.rows], g.ctx)
+            if g.rows is None:
+                return term
+            if out is None:
+                out = torch.zeros_like(q)
+            out[g.rows] = term.expand(len(g.rows), *q.shape[1:])
+        return q.new_zeros(()) if out is None else out
+
+
+class AdapterDispatch(nn.Module):
+    """In the shared model's block: each group's own attn/ffn adapter on its rows (identity where none)."""
+
+    def __init__(self, layer: int, slot: str):
+        super().__init__()
+        self.layer, self.slot = layer, slot
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        out = h
+        for g in ctx.extras[GROUPS]:
+            own = getattr(g.model.layers[self.layer], self.slot)
+            if own is None:
+                continue
+            if g.rows is None:
+                return own(h, g.ctx)
+            if out is h:
+                out = h.clone()
+            out[g.rows] = own(h[g.rows], g.ctx)
+        return out
+
+
+def install_dispatchers(model: LlamaLM) -> LlamaLM:
+    """Make a bare weight-sharing copy of the base into the shared batch's model."""
+    for i, layer in enumerate(model.layers):
+        block = cast(Block, layer)
+        block.self_attn.prefix = PrefixDispatch(i)
+        block.attn_adapter = AdapterDispatch(i, "attn_adapter")
+        block.ffn_adapter = AdapterDispatch(i, "ffn_adapter")
+    return model

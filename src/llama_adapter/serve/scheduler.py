@@ -1,0 +1,197 @@
+"""One scheduler thread: admits waiting requests into the running batches at token boundaries, decodes,
+and hands each request its text as it comes.
+
+Each loop: drop cancelled requests, prefill waiting ones while fewer than `max_batch` sequences run
+(each prefill alone, on its adapter's model), then one decode step of every batch. Requests talk to
+the HTTP side through an asyncio queue per request, fed with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..generate import Sampling, TextTracker, next_token
+from ..model.llama import LlamaLM
+from ..model.share import weight_sharing_copy
+from ..model.tokenizer import Tokenizer
+from .engine import DecodeBatch, Row, install_dispatchers, prefill
+from .errors import APIError
+from .metrics import Metrics
+from .models import SHARED, ServedModel
+
+
+@dataclass
+class Job:
+    """One request's generation: its prompt, where its text goes, and how it ended."""
+
+    served: ServedModel
+    prompt_ids: list[int]
+    sampling: Sampling
+    image: Any = None
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None  # ("text", str) ... then ("end", finish_reason) or ("error", APIError)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    max_new: int = 0
+    last_token_at: float = 0.0
+    tracker: TextTracker | None = None
+    generator: torch.Generator | None = None
+
+    def emit(self, kind: str, value: Any) -> None:
+        if self.loop is not None and self.events is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Scheduler:
+    def __init__(self, base: LlamaLM, tok: Tokenizer, served: dict[str, ServedModel], max_batch: int,
+                 max_queue: int, metrics: Metrics, tok_lock: threading.Lock):
+        self.tok, self.max_batch, self.max_queue = tok, max_batch, max_queue
+        self.metrics, self.tok_lock = metrics, tok_lock
+        self.batches: dict[str, DecodeBatch] = {SHARED: DecodeBatch(install_dispatchers(weight_sharing_copy(base)),
+                                                                    shared=True)}
+        for s in served.values():
+            if s.batch != SHARED:
+                self.batches[s.batch] = DecodeBatch(s.model, shared=False)
+        self.waiting: deque[Job] = deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.steps = 0
+
+    # -- the HTTP side --------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue a request, or raise QueueFull when `max_queue` requests already wait."""
+        with self.cond:
+            free_slots = max(0, self.max_batch - self.running())
+            if len(self.waiting) >= self.max_queue + free_slots:
+                raise QueueFull
+            self.waiting.append(job)
+            self.metrics.queue.set(len(self.waiting))
+            self.cond.notify()
+
+    def running(self) -> int:
+        return sum(len(b) for b in self.batches.values())
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="llama-adapter-scheduler", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    # -- the scheduler thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.waiting and not self.running():
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                for job in [j for j in self.waiting if j.cancelled.is_set()]:
+                    self.waiting.remove(job)
+                admit = []
+                while self.waiting and self.running() + len(admit) < self.max_batch:
+                    admit.append(self.waiting.popleft())
+                self.metrics.queue.set(len(self.waiting))
+            for job in admit:
+                self._start(job)
+            for batch in self.batches.values():
+                if batch.rows:
+                    self._step(batch)
+            self.metrics.running.set(self.running())
+        for batch in self.batches.values():
+            for row in batch.rows:
+                row.owner.emit("error", APIError(503, "the server is shutting down"))
+            batch.remove(range(len(batch.rows)))
+
+    def _start(self, job: Job) -> None:
+        """Prefill a request and give it its first token; it joins its batch unless already done."""
+        if job.cancelled.is_set():
+            return
+        s = job.served
+        try:
+            pre = prefill(s.model, self.tok, job.prompt_ids, job.image)
+        except ValueError as e:
+            job.emit("error", APIError(400, str(e), code="context_length_exceeded", param="messages"))
+            return
+        except Exception as e:  # a fault of ours: this request fails, the server goes on
+            job.emit("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+            return
+        limit = s.model.config.max_seq_len
+        job.prompt_tokens = pre.k.shape[3]
+        job.max_new = min(job.sampling.max_new_tokens, limit - job.prompt_tokens)
+        job.tracker = TextTracker(self.tok, job.sampling.stop)
+        if job.sampling.seed is not None:
+            job.generator = torch.Generator(device=s.model.device).manual_seed(job.sampling.seed)
+        token = int(next_token(pre.logits[None], job.sampling, job.generator)[0])
+        self.metrics.ttft.observe(time.perf_counter() - job.arrived)
+        if self._deliver(job, token):
+            return
+        row = Row(s.model, s.name, pre.prefix, pre.state, pre.extras, pre.position, token, job)
+        self.batches[s.batch].admit(row, pre)
+
+    def _step(self, batch: DecodeBatch) -> None:
+        n = len(batch.rows)
+        self.metrics.batch_rows.observe(n)
+        self.metrics.batch_adapters.observe(batch.adapters_in_step())
+        try:
+            logits = batch.step()
+        except Exception as e:  # a fault of ours: fail this batch's requests, keep serving
+            for row in batch.rows:
+                row.owner.emit("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+            batch.remove(range(n))
+            return
+        self.steps += 1
+        greedy = logits.argmax(-1).tolist()
+        finished = []
+        for i, row in enumerate(batch.rows):
+            job: Job = row.owner
+            s = job.sampling
+            token = greedy[i] if s.temperature == 0 else int(next_token(logits[i:i + 1], s, job.generator)[0])
+            row.token = token
+            if job.cancelled.is_set() or self._deliver(job, token):
+                finished.append(i)
+        batch.remove(finished)
+
+    def _deliver(self, job: Job, token: int) -> bool:
+        """Pass a token's text to the request; True when the request is done."""
+        now = time.perf_counter()
+        if job.last_token_at:
+            self.metrics.per_token.observe(now - job.last_token_at)
+        job.last_token_at = now
+        self.metrics.tokens.inc()
+        assert job.tracker is not None
+        with self.tok_lock:
+            text = job.tracker.push(token)
+        if token not in self.tok.eos_ids:
+            job.completion_tokens += 1
+        if text:
+            job.emit("text", text)
+        if job.tracker.finished:
+            job.emit("end", "stop")
+            return True
+        if job.completion_tokens >= job.max_new:
+            with self.tok_lock:
+                tail = job.tracker.flush()
+            if tail:
+                job.emit("text", tail)
+            job.emit("end", "length")
+            return True
+        return False
