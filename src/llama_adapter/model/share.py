@@ -13,28 +13,37 @@ from typing import Any
 
 import torch
 
-from .llama import LlamaLM
+from .llama import LlamaLM, RMSNorm
 
 
 def weight_sharing_copy(model: LlamaLM) -> LlamaLM:
-    """A plain copy of `model`'s module tree that shares every parameter and buffer tensor with it.
+    """A plain copy of `model`'s module tree that shares every parameter and buffer tensor with it, but the
+    norms' weights, which the copy owns: V2 tunes them, and loading its adapter writes them in place.
 
     The model must have nothing attached (attach the adapter to the copy); its projections may be fused
     (model/fused.py): the joint tensors are shared too, so the copy keeps the fused path.
     """
     if model.adapter is not None:
         raise ValueError(f"a {model.adapter.method} adapter is attached: copy the bare base model")
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     memo: dict[int, Any] = {}
     for t in [*model.parameters(), *model.buffers()]:
-        memo[id(t)] = t
+        if id(t) not in norms:
+            memo[id(t)] = t
     for m in model.modules():
         joint = m.__dict__.get("_joint")
         if joint is not None:
             memo[id(joint)] = joint
-    out = copy.deepcopy(model, memo)
-    shared = {p.data_ptr() for p in model.parameters()}
-    assert all(p.data_ptr() in shared for p in out.parameters()), "a parameter was copied, not shared"
-    return out
+    return copy.deepcopy(model, memo)
+
+
+def written_base_weights(base: LlamaLM, model: LlamaLM) -> list[str]:
+    """Names of the parameters the method on `model` trains that are still the base's own tensors: loading
+    or training them would change the base under every other copy."""
+    shared = {t.untyped_storage().data_ptr() for t in base.parameters()}
+    trained = model.adapter.parameter_names() if model.adapter is not None else []
+    params = dict(model.named_parameters())
+    return [n for n in trained if params[n].untyped_storage().data_ptr() in shared]
 
 
 def tensor_bytes(tensors: list[torch.Tensor]) -> int:

@@ -70,12 +70,13 @@ class Scheduler:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.steps = 0
+        self.admitting = 0  # taken from the queue, being prefilled: they hold slots already
 
     # -- the HTTP side --------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         """Queue a request, or raise QueueFull when `max_queue` requests already wait."""
         with self.cond:
-            free_slots = max(0, self.max_batch - self.running())
+            free_slots = max(0, self.max_batch - self.running() - self.admitting)
             if len(self.waiting) >= self.max_queue + free_slots:
                 raise QueueFull
             self.waiting.append(job)
@@ -98,6 +99,11 @@ class Scheduler:
 
     # -- the scheduler thread -------------------------------------------------------------------
     def _loop(self) -> None:
+        # inference mode for the thread's whole life: the batches' buffers are created and updated in it
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self.cond:
                 while not self.stopping and not self.waiting and not self.running():
@@ -110,15 +116,26 @@ class Scheduler:
                 while self.waiting and self.running() + len(admit) < self.max_batch:
                     admit.append(self.waiting.popleft())
                 self.metrics.queue.set(len(self.waiting))
+                self.admitting = len(admit)
             for job in admit:
-                self._start(job)
+                try:
+                    self._start(job)
+                except Exception as e:  # a fault of ours: this request fails, the server goes on
+                    job.emit("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+                with self.cond:
+                    self.admitting -= 1
             for batch in self.batches.values():
                 if batch.rows:
                     self._step(batch)
             self.metrics.running.set(self.running())
+        gone = APIError(503, "the server is shutting down")
+        with self.cond:
+            for job in self.waiting:
+                job.emit("error", gone)
+            self.waiting.clear()
         for batch in self.batches.values():
             for row in batch.rows:
-                row.owner.emit("error", APIError(503, "the server is shutting down"))
+                row.owner.emit("error", gone)
             batch.remove(range(len(batch.rows)))
 
     def _start(self, job: Job) -> None:
@@ -129,10 +146,8 @@ class Scheduler:
         try:
             pre = prefill(s.model, self.tok, job.prompt_ids, job.image)
         except ValueError as e:
-            job.emit("error", APIError(400, str(e), code="context_length_exceeded", param="messages"))
-            return
-        except Exception as e:  # a fault of ours: this request fails, the server goes on
-            job.emit("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+            code = "context_length_exceeded" if "context" in str(e) else "invalid_value"
+            job.emit("error", APIError(400, str(e), code=code, param="messages"))
             return
         limit = s.model.config.max_seq_len
         job.prompt_tokens = pre.k.shape[3]

@@ -1,0 +1,191 @@
+"""The server's engine below HTTP: weight-sharing copies, continuous batching across adapters, prompt layouts,
+image limits. The anchor everywhere is `la.generate` on the same model and prompt (greedy, fp32)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+import llama_adapter as la
+from llama_adapter.model.fused import fuse_projections
+from llama_adapter.model.share import weight_sharing_copy
+from llama_adapter.serve.config import ServeConfig
+from llama_adapter.serve.engine import DecodeBatch, Row, install_dispatchers, prefill, shares_base
+from llama_adapter.serve.errors import APIError
+from llama_adapter.serve.images import load_image
+from llama_adapter.serve.prompts import PromptLayout, render_chat
+
+
+def _acting(model, cfg, tok, seed):
+    """`cfg` attached to `model` with its zero-initialised parts randomised, so that it changes the output."""
+    la.attach(model, cfg, tokenizer=tok)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in la.trainable_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+@pytest.fixture
+def base(tiny):
+    model, tok = tiny
+    fuse_projections(model)
+    return model, tok
+
+
+def test_a_weight_sharing_copy_shares_every_tensor_and_leaves_the_base_alone(base):
+    model, tok = base
+    copy = weight_sharing_copy(model)
+    own = {n for n, _ in model.named_parameters() if n.endswith("norm.weight")}  # V2 tunes them: the copy's
+    for (name, a), b in zip(model.named_parameters(), copy.parameters()):
+        assert (a.data_ptr() == b.data_ptr()) == (name not in own) and torch.equal(a, b), name
+    before = la.generate(model, tok, "hello world", max_new_tokens=6)
+    _acting(copy, la.AdapterV1Config(prompt_len=3, n_layers=2), tok, 0)
+    assert model.adapter is None and la.generate(model, tok, "hello world", max_new_tokens=6) == before
+    assert la.generate(copy, tok, "hello world", max_new_tokens=6) != before
+    with pytest.raises(ValueError, match="attached"):
+        weight_sharing_copy(copy)
+
+
+def _ids(tok, text):
+    return tok.encode(tok.chat_prompt([{"role": "user", "content": text}]), add_special_tokens=False)
+
+
+def test_rows_of_different_adapters_joining_at_different_times_decode_as_each_alone(base):
+    """V1, LaVIN (text) and the bare base in one batch; rows join every few steps with prompts of different
+    lengths (the buffer shifts right) and decode past its first 64 columns (it compacts or grows)."""
+    model, tok = base
+    v1 = _acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=3, n_layers=2), tok, 1)
+    v1b = _acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=5, n_layers=3), tok, 2)
+    lavin = _acting(weight_sharing_copy(model), la.LavinConfig(vision=None, rank=4), tok, 3)
+    plain = weight_sharing_copy(model)
+    assert all(shares_base(m) for m in (v1, v1b, lavin, plain))
+    jobs = [(v1, "hello"), (lavin, "what colour is the triangle? the triangle is green. the quick brown fox"),
+            (plain, "a red circle"), (v1b, "the quick brown fox jumps over the lazy dog and more"), (v1, "yes no")]
+    n_new = 70
+    expected = [la.generate(m, tok, text, max_new_tokens=n_new, chat=True)[0] for m, text in jobs]
+    batch = DecodeBatch(install_dispatchers(weight_sharing_copy(model)), shared=True)
+    tokens: list[list[int]] = [[] for _ in jobs]
+    waiting, step, adapters_seen = list(range(len(jobs))), 0, 0
+    while waiting or batch.rows:
+        if waiting and step % 4 == 0:
+            i = waiting.pop(0)
+            m, text = jobs[i]
+            pre = prefill(m, tok, _ids(tok, text))
+            first = int(pre.logits.argmax())
+            tokens[i].append(first)
+            batch.admit(Row(m, str(id(m)), pre.prefix, pre.state, pre.extras, pre.position, first, i), pre)
+        if batch.rows:
+            adapters_seen = max(adapters_seen, batch.adapters_in_step())
+            logits = batch.step()
+            done = []
+            for j, row in enumerate(batch.rows):
+                row.token = int(logits[j].argmax())
+                tokens[row.owner].append(row.token)
+                if len(tokens[row.owner]) >= n_new or row.token in tok.eos_ids:
+                    done.append(j)
+            batch.remove(done)
+        step += 1
+    got = [tok.decode([t for t in ts if t not in tok.eos_ids]) for ts in tokens]
+    assert got == expected
+    assert adapters_seen >= 3  # the rows really shared steps
+    assert max(len(t) for t in tokens) > 64 - len(_ids(tok, "hello"))  # decoded past the first buffer
+
+
+def _saved(model, cfg, tok, folder, seed):
+    m = _acting(weight_sharing_copy(model), cfg, tok, seed)
+    la.save_adapter(m, folder)
+    return m
+
+
+def test_the_server_loads_v2_folded_or_in_its_own_batch_and_images_reach_v1(base, tiny_folder, tmp_path,
+                                                                          monkeypatch):
+    import asyncio
+
+    from llama_adapter.generate import Sampling
+    from llama_adapter.serve import Server
+    from llama_adapter.serve.scheduler import Job
+
+    monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path / "cache"))
+    model, tok = base
+    refs = {
+        "v1": _saved(model, la.AdapterV1Config(prompt_len=3, n_layers=2), tok, tmp_path / "v1", 1),
+        "v1mm": _saved(model, la.AdapterV1Config(prompt_len=3, n_layers=2, vision="efficientnet-lite0"), tok,
+                       tmp_path / "v1mm", 2),
+        "v2": _saved(model, la.AdapterV2Config(), tok, tmp_path / "v2", 3),
+        "v2mm": _saved(model, la.AdapterV2Config(vision="efficientnet-lite0"), tok, tmp_path / "v2mm", 4),
+    }
+    server = Server.load(ServeConfig(model=str(tiny_folder), adapters={k: str(tmp_path / k) for k in refs}))
+    s = server.served
+    assert (s["v1"].batch, s["v1mm"].batch) == ("shared", "shared")
+    assert (s["v2"].batch, s["v2"].folded) == ("v2", True)
+    assert (s["v2mm"].batch, s["v2mm"].folded, s["v2mm"].images) == ("v2mm", False, True)
+    # one frozen encoder for both image adapters: the second adds its own weights only
+    assert s["v2mm"].adapter_bytes < s["v1mm"].adapter_bytes / 2
+    image = Image.new("RGB", (40, 30), (200, 40, 40))
+    requests = [("v1", "hello", None), ("v1mm", "what colour", image), ("v2", "a red circle", None),
+                ("v2mm", "what colour", image), ("v1mm", "hello", None), ("base", "yes", None)]
+
+    async def run(name, text, im):
+        job = Job(s[name], _ids(tok, text), Sampling(max_new_tokens=12), im)
+        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
+        server.scheduler.submit(job)
+        out = ""
+        while True:
+            kind, value = await job.events.get()
+            if kind != "text":
+                return out
+            out += value
+
+    async def all_at_once():
+        return await asyncio.gather(*[run(*r) for r in requests])
+
+    server.scheduler.start()
+    try:
+        got = asyncio.run(all_at_once())
+    finally:
+        server.scheduler.stop()
+    for (name, text, im), answer in zip(requests, got):
+        m = refs.get(name, model)
+        assert answer == la.generate(m, tok, text, images=None if im is None else [im], chat=True,
+                                     max_new_tokens=12)[0], name
+
+
+def test_prompt_layouts(tiny):
+    _, tok = tiny
+    chat = [("user", "hello")]
+    assert render_chat(tok, PromptLayout(), chat) == _ids(tok, "hello")
+    alpaca = render_chat(tok, PromptLayout("alpaca"), [("system", "be brief"), ("user", "hello")], "OCR: 42")
+    text = tok.decode(alpaca)
+    assert "### Instruction:\nbe brief\n\nhello" in text and "### Input:\nOCR: 42" in text
+    plain = tok.decode(render_chat(tok, PromptLayout("plain"), [("user", "hi"), ("assistant", "yes"),
+                                                                  ("user", "one")]))
+    assert plain.index("### Human: hi") < plain.index("yes") < plain.index("### Human: one")
+    assert plain.endswith("### Assistant: ")
+
+
+def _data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_image_urls_are_decoded_within_the_limits():
+    cfg = ServeConfig(max_image_pixels=100 * 100)
+    img = load_image(_data_url(Image.new("RGB", (20, 10), (1, 2, 3)), "JPEG"), cfg)
+    assert img.size == (20, 10) and img.mode == "RGB"
+    bad = {
+        "not valid base64": "data:image/png;base64,@@@@",
+        "not supported": "data:image/gif;base64,AAAA",
+        "could not be decoded": "data:image/png;base64," + base64.b64encode(b"not an image").decode(),
+        "more than the server's limit": _data_url(Image.new("RGB", (101, 100))),
+        "only data: image URLs": "http://127.0.0.1/x.png",
+    }
+    for message, url in bad.items():
+        with pytest.raises(APIError, match=message) as e:
+            load_image(url, cfg)
+        assert e.value.status == 400
