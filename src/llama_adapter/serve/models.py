@@ -25,6 +25,7 @@ from ..model.llama import LlamaLM
 from ..model.load import load_pretrained
 from ..model.share import tensor_bytes, weight_sharing_copy, written_base_weights
 from ..model.tokenizer import Tokenizer
+from ..vision import ImageEncoder
 from .config import ServeConfig
 from .engine import shares_base
 from .prompts import PromptLayout, training_layout
@@ -71,7 +72,7 @@ def share_encoders(served: dict[str, ServedModel]) -> None:
     """One frozen image encoder per spec for all adapters: each adapter otherwise loads its own copy (an
     EfficientNet-Lite0 is 14 MB, several times a V1 adapter). Encoders that carry adapters of their own
     (LaVIN's ViT adapters) or differ in a weight stay separate."""
-    first: dict[str, torch.nn.Module] = {}
+    first: dict[str, ImageEncoder] = {}
     for s in served.values():
         for frontend in (m for m in s.model.modules() if isinstance(m, VisualFrontend)):
             encoder = frontend.encoder

@@ -112,7 +112,7 @@ class Scheduler:
                     break
                 for job in [j for j in self.waiting if j.cancelled.is_set()]:
                     self.waiting.remove(job)
-                admit = []
+                admit: list[Job] = []
                 while self.waiting and self.running() + len(admit) < self.max_batch:
                     admit.append(self.waiting.popleft())
                 self.metrics.queue.set(len(self.waiting))

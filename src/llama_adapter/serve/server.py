@@ -70,7 +70,8 @@ class Server:
         """The generation a chat request asks for (images decoded, experts run, prompt laid out)."""
         served = self.resolve(req.model)
         sampling = self._sampling(req)
-        messages, urls = [], []
+        messages: list[tuple[str, str]] = []
+        urls: list[str] = []
         for m in req.messages:
             text, images = message_text(m)
             messages.append(("system" if m.role == "developer" else m.role, text))
