@@ -124,8 +124,15 @@ def test_the_server_loads_v2_folded_or_in_its_own_batch_and_images_reach_v1(base
     assert (s["v1"].batch, s["v1mm"].batch) == ("shared", "shared")
     assert (s["v2"].batch, s["v2"].folded) == ("v2", True)
     assert (s["v2mm"].batch, s["v2mm"].folded, s["v2mm"].images) == ("v2mm", False, True)
-    # one frozen encoder for both image adapters: the second adds its own weights only
+    # a V1 adapter costs its own weights only (no second copy of the norms it does not tune); one frozen image
+    # encoder serves both image adapters; V2 tunes the norms, so its copy owns them and the base stays untouched
+    own = sum(t.numel() * t.element_size() for n, t in [*refs["v1"].named_parameters(), *refs["v1"].named_buffers()]
+              if ".prefix." in n)
+    assert s["v1"].adapter_bytes == own
     assert s["v2mm"].adapter_bytes < s["v1mm"].adapter_bytes / 2
+    norm = "layers.0.input_layernorm.weight"
+    assert dict(s["v1"].model.named_parameters())[norm] is dict(server.base.named_parameters())[norm]
+    assert dict(s["v2mm"].model.named_parameters())[norm] is not dict(server.base.named_parameters())[norm]
     image = Image.new("RGB", (40, 30), (200, 40, 40))
     requests = [("v1", "hello", None), ("v1mm", "what colour", image), ("v2", "a red circle", None),
                 ("v2mm", "what colour", image), ("v1mm", "hello", None), ("base", "yes", None)]

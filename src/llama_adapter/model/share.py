@@ -37,6 +37,20 @@ def weight_sharing_copy(model: LlamaLM) -> LlamaLM:
     return copy.deepcopy(model, memo)
 
 
+def reshare_unchanged(base: LlamaLM, model: LlamaLM) -> None:
+    """Point `model`'s own copies of base parameters (the norms `weight_sharing_copy` copied) back at the
+    base's tensors where the attached method does not train them and they still equal the base's: an adapter
+    that tunes no norm then costs only its own weights."""
+    trained = set(model.adapter.parameter_names()) if model.adapter is not None else set()
+    base_params = dict(base.named_parameters())
+    for name, p in list(model.named_parameters()):
+        b = base_params.get(name)
+        if b is None or b is p or name in trained or b.shape != p.shape or not torch.equal(b, p):
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner_name), attr, b)
+
+
 def written_base_weights(base: LlamaLM, model: LlamaLM) -> list[str]:
     """Names of the parameters the method on `model` trains that are still the base's own tensors: loading
     or training them would change the base under every other copy."""

@@ -124,7 +124,7 @@ def create_app(server: Server) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
 
     async def run(request: Request, req: SamplingFields, job: Job, chat: bool) -> Response:
-        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
+        job.loop, job.events, job.stream = asyncio.get_running_loop(), asyncio.Queue(), req.stream
         try:
             server.scheduler.submit(job)
         except QueueFull:

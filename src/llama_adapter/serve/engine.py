@@ -265,12 +265,12 @@ class PrefixDispatch(nn.Module):
             own = cast(Block, g.model.layers[self.layer]).self_attn
             if own.prefix is None:
                 continue
-            term = own.prefix(own, q if g.rows is None else q[g.rows], g.ctx)
+            term = own.prefix(own, q if g.rows is None else q.index_select(0, g.rows), g.ctx)
             if g.rows is None:
                 return term
             if out is None:
                 out = torch.zeros_like(q)
-            out[g.rows] = term.expand(len(g.rows), *q.shape[1:])
+            out.index_copy_(0, g.rows, term.expand(len(g.rows), *q.shape[1:]))
         return q.new_zeros(()) if out is None else out
 
 
@@ -291,7 +291,7 @@ class AdapterDispatch(nn.Module):
                 return own(h, g.ctx)
             if out is h:
                 out = h.clone()
-            out[g.rows] = own(h[g.rows], g.ctx)
+            out.index_copy_(0, g.rows, own(h.index_select(0, g.rows), g.ctx))
         return out
 
 

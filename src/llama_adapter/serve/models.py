@@ -23,7 +23,7 @@ from ..model.attached import takes_images
 from ..model.fused import fuse_projections
 from ..model.llama import LlamaLM
 from ..model.load import load_pretrained
-from ..model.share import tensor_bytes, weight_sharing_copy, written_base_weights
+from ..model.share import reshare_unchanged, tensor_bytes, weight_sharing_copy, written_base_weights
 from ..model.tokenizer import Tokenizer
 from ..vision import ImageEncoder
 from .config import ServeConfig
@@ -51,6 +51,7 @@ class ServedModel:
 def _load_one(base: LlamaLM, tok: Tokenizer, name: str, path: str, force: bool) -> ServedModel:
     model = weight_sharing_copy(base)
     load_adapter(model, path, tokenizer=tok, force=force)
+    reshare_unchanged(base, model)
     written = written_base_weights(base, model)
     if written:  # no method does this today (V2's norms are the copy's own): refuse rather than serve wrong text
         raise ValueError(f"it trains weights of the shared base ({', '.join(written[:3])}, ...), which one server "

@@ -45,8 +45,19 @@ class Job:
     last_token_at: float = 0.0
     tracker: TextTracker | None = None
     generator: torch.Generator | None = None
+    stream: bool = True  # False: the text goes out once, at the end (no wake-up of the event loop per token)
+    held: str = ""
 
     def emit(self, kind: str, value: Any) -> None:
+        if kind == "text" and not self.stream:
+            self.held += value
+            return
+        if kind != "text" and self.held:
+            self._send("text", self.held)
+            self.held = ""
+        self._send(kind, value)
+
+    def _send(self, kind: str, value: Any) -> None:
         if self.loop is not None and self.events is not None:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
