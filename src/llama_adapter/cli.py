@@ -182,6 +182,10 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 @command("serve")
 def cmd_serve(a: argparse.Namespace) -> int:
+    import signal
+    import threading
+    import time
+
     import uvicorn
 
     from llama_adapter.device import set_threads
@@ -200,10 +204,32 @@ def cmd_serve(a: argparse.Namespace) -> int:
                       max_batch=a.max_batch, max_queue=a.max_queue, max_tokens=a.max_tokens, api_key=a.api_key,
                       allow_remote_images=a.allow_remote_images, dtype=a.dtype, device=a.device, force=a.force)
     server = Server.load(cfg)
+    # HTTP in a thread, decoding in the main thread (where PyTorch's CPU threads pay off: Scheduler.run)
+    http = uvicorn.Server(uvicorn.Config(create_app(server, scheduler_thread=False), host=cfg.host, port=cfg.port,
+                                         log_level=a.log_level))
+    thread = threading.Thread(target=http.run, name="llama-adapter-http", daemon=True)
+    thread.start()
+    while not http.started and thread.is_alive():
+        time.sleep(0.05)
+    if not http.started:
+        raise ValueError(f"could not listen on {cfg.host}:{cfg.port} (see the message above)")
     names = ", ".join(server.served)
     print(f"serving {names} on http://{cfg.host}:{cfg.port} (max batch {cfg.max_batch}, queue {cfg.max_queue}"
-          f"{', API key required' if cfg.api_key else ''})", flush=True)
-    uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level=a.log_level)
+          f"{', API key required' if cfg.api_key else ''}); Ctrl-C stops", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: server.scheduler.stop())
+
+    def stop_when_http_ends() -> None:  # the HTTP side ending (an error) ends the scheduler too
+        thread.join()
+        server.scheduler.stop()
+
+    threading.Thread(target=stop_when_http_ends, daemon=True).start()
+    try:
+        server.scheduler.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        http.should_exit = True
+        thread.join(timeout=10)
     return 0
 
 

@@ -60,17 +60,20 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(server: Server) -> FastAPI:
-    """The FastAPI app of a loaded server; its scheduler thread runs while the app does."""
+def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
+    """The FastAPI app of a loaded server. With `scheduler_thread`, the scheduler runs in a thread while the
+    app does; without, the caller runs `server.scheduler.run()` (`llama-adapter serve`: in the main thread)."""
     cfg = server.cfg
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.scheduler.start()
+        if scheduler_thread:
+            server.scheduler.start()
         try:
             yield
         finally:
-            server.scheduler.stop()
+            if scheduler_thread:
+                server.scheduler.stop()
 
     app = FastAPI(title="llama-adapter", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server

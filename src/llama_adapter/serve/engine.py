@@ -242,8 +242,8 @@ class DecodeBatch:
         positions = torch.tensor([r.position for r in self.rows], device=dev)[:, None]
         cache = KVCache.hook_state(col, prefix, state)
         cache.k, cache.v, cache.max_len = self.k[:, :n], self.v[:, :n], self.capacity[1]
-        mask = self.valid[:n, :col + 1]
-        mask = None if bool(mask.all()) else mask  # no column masked (a lone row): SDPA's unmasked path
+        valid = self.valid[:n, :col + 1]
+        mask = None if bool(valid.all()) else valid  # no column masked (a lone row): SDPA's unmasked path
         logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=cache,
                             extras={GROUPS: groups} if self.shared else extras, output_positions=(slice(None), -1))
         self.length += 1
