@@ -206,7 +206,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     server = Server.load(cfg)
     # HTTP in a thread, decoding in the main thread (where PyTorch's CPU threads pay off: Scheduler.run)
     http = uvicorn.Server(uvicorn.Config(create_app(server, scheduler_thread=False), host=cfg.host, port=cfg.port,
-                                         log_level=a.log_level))
+                                         log_level=a.log_level, timeout_graceful_shutdown=5))
     thread = threading.Thread(target=http.run, name="llama-adapter-http", daemon=True)
     thread.start()
     while not http.started and thread.is_alive():
@@ -216,7 +216,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     names = ", ".join(server.served)
     print(f"serving {names} on http://{cfg.host}:{cfg.port} (max batch {cfg.max_batch}, queue {cfg.max_queue}"
           f"{', API key required' if cfg.api_key else ''}); Ctrl-C stops", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: server.scheduler.stop())
+
+    def stop(signum: int, frame: object) -> None:  # finish the current step, answer what is in flight with 503
+        server.scheduler.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
     def stop_when_http_ends() -> None:  # the HTTP side ending (an error) ends the scheduler too
         thread.join()
