@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import pytest
 import torch
@@ -196,3 +197,27 @@ def test_image_urls_are_decoded_within_the_limits():
         with pytest.raises(APIError, match=message) as e:
             load_image(url, cfg)
         assert e.value.status == 400
+
+
+def test_experts_read_a_request_image_for_a_text_only_model(tiny_folder, tmp_path):
+    """With --expert ocr, an image sent to a text-only model reaches it as the OCR expert's text (as `generate
+    --expert ocr` does); without experts the same request is a 400 naming the model."""
+    from llama_adapter.data.synth import synthesize
+    from llama_adapter.serve import Server
+    from llama_adapter.serve.protocol import ChatRequest
+
+    s = synthesize(tmp_path / "ocr", 2, seed=11, n_test=1, ocr_words=3)
+    record = json.loads(s.ocr_train.read_text())[0]
+    url = "data:image/png;base64," + base64.b64encode((s.out_dir / record["image"]).read_bytes()).decode()
+    body = {"model": "base", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What does it say?"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+    with_ocr = Server.load(ServeConfig(model=str(tiny_folder), experts=["ocr"]))
+    job = with_ocr.chat_job(ChatRequest.model_validate(body))
+    tok = with_ocr.tok
+    expected = render_chat(tok, PromptLayout(), [("user", "What does it say?")],
+                           f"Text in the image: {record['answer']}")
+    assert job.prompt_ids == expected and job.image is None
+    plain = Server.load(ServeConfig(model=str(tiny_folder)))
+    with pytest.raises(APIError, match="'base' takes no images") as e:
+        plain.chat_job(ChatRequest.model_validate(body))
+    assert e.value.status == 400
