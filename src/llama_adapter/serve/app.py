@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,9 +21,10 @@ from starlette.exceptions import HTTPException
 from .errors import APIError
 from .protocol import ChatRequest, CompletionRequest, SamplingFields, parse_json, validate
 from .scheduler import Job, QueueFull
-from .server import STATIC, Server
+from .server import Server
 
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page is static; every call it makes needs the key
+STATIC = Path(__file__).parent / "static"  # the web page: index.html, app.js, style.css
 COUNTED = ("/health", "/v1/models", "/v1/chat/completions", "/v1/completions", "/metrics", "/")
 
 

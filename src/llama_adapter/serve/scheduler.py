@@ -80,7 +80,6 @@ class Scheduler:
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
-        self.steps = 0
         self.admitting = 0  # taken from the queue, being prefilled: they hold slots already
 
     # -- the HTTP side --------------------------------------------------------------------------
@@ -190,7 +189,6 @@ class Scheduler:
                 row.owner.emit("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
             batch.remove(range(n))
             return
-        self.steps += 1
         greedy = logits.argmax(-1).tolist()
         finished = []
         for i, row in enumerate(batch.rows):

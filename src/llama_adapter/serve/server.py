@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 from ..experts import Expert, load_expert, with_context
 from ..generate import Sampling
@@ -104,5 +103,3 @@ class Server:
         self._check_length(ids)
         return Job(served, ids, sampling)
 
-
-STATIC = Path(__file__).parent / "static"
