@@ -181,10 +181,14 @@ def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
                 if chat:
                     yield sse(chunk("", role=True))
                 event = first
+                checked = time.monotonic()
                 while event[0] == "text":
                     yield sse(chunk(event[1]))
-                    assert job.events is not None
-                    event = await job.events.get()
+                    if time.monotonic() - checked > 0.1:  # a send to a closed socket need not fail: ask
+                        checked = time.monotonic()
+                        if await request.is_disconnected():
+                            return  # finally: the job is cancelled and its slot freed
+                    event = await next_event(job, request)
                 if event[0] == "error":
                     yield sse(event[1].body())
                 else:
@@ -193,6 +197,8 @@ def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
                         yield sse({"id": ident, "object": kind, "created": created, "model": req.model,
                                    "choices": [], "usage": usage()})
                 yield "data: [DONE]\n\n"
+            except ClientGone:
+                return
             finally:
                 job.cancelled.set()  # a client that went away stops its generation (a no-op once finished)
 
