@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -302,7 +303,8 @@ class Trainer:
         self._resume()
         start_step, t0 = self.step, time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.cfg.progress and self.dist.main),
-                   desc="training", unit="step", dynamic_ncols=True)
+                   desc="training", unit="step", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s, not 10/s
         tokens_done, last, val = 0, None, None
         with StopOnSignal() as stop:
             while self.step < self.total_steps:
