@@ -32,6 +32,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="load a V2 release or LaVIN checkpoint without its visual side (text only)")
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (fp16 only on a GPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="pack the base model's block linears to int8 or 4-bit weights (docs/quantization.md)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (torch.compile; plain or folded models only, else eager)")
@@ -72,7 +74,7 @@ def load_model(a: argparse.Namespace):
         name = base_of(a.adapter)
         if name is None and not Path(a.adapter).expanduser().is_dir():
             raise ValueError(f"{a.adapter} does not name its base model: give it with --model")
-    model, tok = load_adapted(None, name, dtype=a.dtype, device=a.device)
+    model, tok = load_adapted(None, name, dtype=a.dtype, device=a.device, quantize=getattr(a, "quantize", None))
     if a.adapter:
         load_adapter(model, a.adapter, tokenizer=tok, force=getattr(a, "force", False),
                      vision=getattr(a, "vision", None), skip_visual=getattr(a, "skip_visual", False))

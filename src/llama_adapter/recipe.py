@@ -13,6 +13,7 @@ from .configs import build_config
 from .data.sources import DataConfig
 from .methods.registry import config_from_dict
 from .model.config import ModelConfig
+from .model.quantize import check_quantize
 from .train.config import TrainConfig
 
 # Shapes of published models, so that parameter counts need no weights (meta device).
@@ -31,6 +32,9 @@ class Recipe:
 
     model: str = "smollm2-135m"
     shape: str | None = None  # a key of SHAPES, for counting without weights
+    # "int8"/"int4": the base's block linears packed at load time (model/quantize.py); written in YAML as
+    # `model: {name: ..., quantize: int8}` or overridden with `model.quantize=int8`
+    quantize: str | None = None
     method: dict[str, Any] = field(default_factory=lambda: {"name": "adapter_v1"})
     data: list[DataConfig] = field(default_factory=list)  # one or more sources, each of a data kind
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -54,7 +58,11 @@ class Recipe:
         return read_hf_config(resolve_model_path(self.model))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        tree = dataclasses.asdict(self)
+        quantize = tree.pop("quantize")
+        if quantize is not None:
+            tree["model"] = {"name": self.model, "quantize": quantize}
+        return tree
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -98,14 +106,26 @@ def _as_list(section: Any) -> list[dict[str, Any]]:
     raise ValueError("data: a mapping (one source) or a list of mappings (several sources)")
 
 
+def _model_section(section: Any) -> tuple[str, str | None]:
+    """`model:` as a name, or a mapping {name, quantize}: (name, validated quantize)."""
+    if not isinstance(section, dict):
+        return str(section), None
+    unknown = set(section) - {"name", "quantize"}
+    if unknown:
+        raise ValueError(f"section 'model': unknown key(s) {sorted(unknown)}; known: name, quantize")
+    return str(section.get("name", "smollm2-135m")), check_quantize(section.get("quantize"))
+
+
 def recipe_from_dict(tree: dict[str, Any], source: str = "recipe") -> Recipe:
     tree = dict(tree)
-    unknown = set(tree) - {f.name for f in dataclasses.fields(Recipe)}
+    unknown = set(tree) - {f.name for f in dataclasses.fields(Recipe)} | ({"quantize"} & set(tree))
     if unknown:
         raise ValueError(f"{source}: unknown section(s) {sorted(unknown)}")
     try:
+        model, quantize = _model_section(tree.get("model", "smollm2-135m"))
         recipe = Recipe(
-            model=str(tree.get("model", "smollm2-135m")),
+            model=model,
+            quantize=quantize,
             shape=tree.get("shape"),
             method=dict(tree.get("method") or {"name": "adapter_v1"}),
             data=[build_config(DataConfig, dict(d), "section 'data'") for d in _as_list(tree.get("data"))],
@@ -134,5 +154,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ValueError(f"{p}: a recipe is a mapping with sections model, method, data, train")
         source = str(p)
     for key, value in parse_overrides(overrides or []):
+        if key.startswith("model.") and not isinstance(tree.get("model"), dict):  # model: NAME becomes a section
+            tree["model"] = {"name": tree.get("model", "smollm2-135m")}
         _set_dotted(tree, key, value)
     return recipe_from_dict(tree, source)

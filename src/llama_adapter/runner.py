@@ -27,7 +27,7 @@ from .train.trainer import Trainer, TrainResult
 def run_recipe(recipe: Recipe) -> tuple[TrainResult, LlamaLM, Tokenizer]:
     """Train as the recipe says; returns (result, model, tokenizer)."""
     torch.manual_seed(recipe.train.seed)
-    model, tok = load_pretrained(recipe.model, device=recipe.train.device)
+    model, tok = load_pretrained(recipe.model, device=recipe.train.device, quantize=recipe.quantize)
     attach(model, recipe.method_config(), tokenizer=tok)
     if not recipe.data:
         raise ValueError("the recipe has no data section")

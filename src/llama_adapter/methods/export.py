@@ -27,6 +27,7 @@ from ..fileio import atomic_folder
 from ..model.config import ModelConfig
 from ..model.llama import AdaptableLinear, LlamaLM
 from ..model.load import build_model, save_folder
+from ..model.quantize import refuse_quantized
 from ..model.tokenizer import Tokenizer
 from .fold import fold
 from .io import save_adapter
@@ -66,6 +67,7 @@ def _folding_copy(model: LlamaLM) -> LlamaLM:
 def export_folded(model: LlamaLM, tok: Tokenizer, out: str | Path) -> Path:
     """Write `out` (and `out/adapter` when prompts or visual modules remain) from a folded copy of `model`."""
     out = Path(out)
+    refuse_quantized(model, "export")
     flags = {id(p): p.requires_grad for p in model.parameters()}
     folded = fold(_folding_copy(model))
     for p in model.parameters():  # shared weights: folding freezes the copy's parameters

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..model.llama import AdaptableLinear, LlamaLM
+from ..model.quantize import refuse_quantized
 from .lora import LoRA
 
 
@@ -43,6 +44,7 @@ def fold_linear(m: AdaptableLinear) -> bool:
 @torch.no_grad()
 def fold(model: LlamaLM) -> LlamaLM:
     """Fold every adaptable linear of the model; the attached method forgets what was folded."""
+    refuse_quantized(model, "fold")
     folded = False
     for m in model.modules():
         if isinstance(m, AdaptableLinear):

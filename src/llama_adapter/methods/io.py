@@ -119,7 +119,8 @@ def load_adapter(model: LlamaLM, folder: str | Path, tokenizer: Tokenizer | None
 
 
 def load_adapted(adapter: str | Path | None, model: str | Path | None = None, dtype: str = "fp32",
-                 device: str = "auto", force: bool = False) -> tuple[LlamaLM, Tokenizer]:
+                 device: str = "auto", force: bool = False,
+                 quantize: str | None = None) -> tuple[LlamaLM, Tokenizer]:
     """The base model (`model`, else the adapter's own base model, else the default) with the adapter
     checkpoint `adapter` (if any) loaded on top: what the commands that run a model start from."""
     if adapter:
@@ -127,7 +128,7 @@ def load_adapted(adapter: str | Path | None, model: str | Path | None = None, dt
     name = model
     if name is None:
         name = (read_adapter_config(adapter).get("base_model") if adapter else None) or DEFAULT_MODEL
-    base, tok = load_pretrained(name, dtype=dtype, device=device)
+    base, tok = load_pretrained(name, dtype=dtype, device=device, quantize=quantize)
     if adapter:
         load_adapter(base, adapter, tokenizer=tok, force=force)
     return base, tok

@@ -67,6 +67,8 @@ def _joint_of(linears: Sequence[AdaptableLinear]) -> JointProjection | None:
 @torch.no_grad()
 @torch.inference_mode(False)
 def _fuse_group(linears: Sequence[AdaptableLinear]) -> None:
+    if any(m.quantized is not None for m in linears):  # packed low-bit weights (model/quantize.py): separate
+        return
     if _joint_of(linears) is not None:
         return
     if len({(m.weight.dtype, m.weight.device, m.in_features) for m in linears}) != 1:

@@ -50,14 +50,16 @@ class AdaptableLinear(nn.Linear):
         self.scale: nn.Parameter | None = None
         self.delta_bias: nn.Parameter | None = None
         self.lora: nn.Module | None = None
+        # a packed low-bit weight that replaces `weight` (an empty placeholder then): model/quantize.py
+        self.quantized: nn.Module | None = None
 
     @property
     def plain(self) -> bool:
-        """No scale, extra bias or low-rank update: exactly the frozen nn.Linear."""
-        return self.scale is None and self.delta_bias is None and self.lora is None
+        """No scale, extra bias, low-rank update or quantized weight: exactly the frozen nn.Linear."""
+        return self.scale is None and self.delta_bias is None and self.lora is None and self.quantized is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x, self.bias)
         if self.lora is not None:
             y = y + self.lora(x)
         if self.delta_bias is not None:

@@ -20,6 +20,7 @@ from .gguf_convert import gguf_tokenizer, read_gguf
 from .hub import hub_snapshot, looks_like_hub_id
 from .llama import LlamaLM
 from .meta import is_meta_folder, meta_tokenizer, read_meta_weights
+from .quantize import check_quantize, quantize_model
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -198,10 +199,13 @@ def resolve_model_path(name_or_path: str | Path, progress: bool = True) -> Path:
 
 def load_pretrained(name_or_path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
                     device: str | torch.device | None = "cpu",
-                    progress: bool = True) -> tuple[LlamaLM, Tokenizer]:
-    """Load a frozen model and its tokenizer (parameters have requires_grad=False)."""
+                    progress: bool = True, quantize: str | None = None) -> tuple[LlamaLM, Tokenizer]:
+    """Load a frozen model and its tokenizer (parameters have requires_grad=False). `quantize`: "int8" or
+    "int4" packs the blocks' linear weights (model/quantize.py, docs/quantization.md); None keeps them."""
+    kind = check_quantize(quantize)  # refuse a bad value before reading any weights
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model, tok = load_folder(resolve_model_path(name_or_path, progress=progress), dtype=dt, device=dev)
     model.name_or_path = str(name_or_path)
+    quantize_model(model, kind)
     return model, tok
