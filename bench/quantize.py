@@ -129,7 +129,7 @@ def main() -> None:
     fast = "bf16-compiled" if args.compiled else "bf16"
     checks = verdicts(rows, fast, args.v1_steps > 0)
     result = {"machine": machine_info(), "args": vars(args), "rows": rows, "checks": checks,
-              "wall_s": round(time.perf_counter() - t0, 1)}
+              "wall_s": round(time.perf_counter() - t0, 1), "load_average_1min_after": round(os.getloadavg()[0], 2)}
     write_results(args.name, result, to_markdown(result))
     print(to_markdown(result))
 
@@ -158,8 +158,9 @@ def verdicts(rows: dict[str, dict[str, Any]], fast: str, trained: bool) -> list[
 def to_markdown(result: dict[str, Any]) -> str:
     m, rows = result["machine"], result["rows"]
     lines = [f"# Quantized base: SmolLM2-135M ({m['cpu']}, {m['torch_threads']} threads, torch {m['torch']})", "",
-             f"`{m['command']}` on {m['date']}, {result['wall_s']} s; 2 shared cores (other jobs ran: timings under "
-             "contention). Quantized bases load in bf16: block linears int8/int4, the tied embedding/head int8, "
+             f"`{m['command']}` on {m['date']}, {result['wall_s']} s; 1-minute load average after the run "
+             f"{result.get('load_average_1min_after', '?')} on {m['usable_cpus']} cores. Quantized bases load in "
+             "bf16: block linears int8/int4, the tied embedding/head int8, "
              "norms bf16. Bytes: distinct parameter and buffer tensors.", "",
              "| base | MB | vs bf16 | held-out NLL | batch-1 tok/s | batch-8 tok/s |", "|---|---|---|---|---|---|"]
     for k, r in rows.items():
