@@ -182,6 +182,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (and la.generate)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="base dtype (server, la.generate)")
     ap.add_argument("--threads", type=int, default=bench_threads(), help="torch threads, here and in the server")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--quick", action="store_true", help="smoke run: 8 tokens, 1 repetition, memory with 0..2 adapters")
@@ -209,9 +210,9 @@ def main() -> int:
         for s in SERVED:
             flags += ["--adapter", f"{s.name}={saved[s.name].folder}"]
         flags += ["--max-batch", str(STREAMS), "--max-queue", "64", "--threads", str(a.threads),
-                  "--max-tokens", str(max(n, 512))]
-        base, tok = la.load_pretrained(MODEL, progress=False)
-        with_v1, _ = la.load_pretrained(MODEL, progress=False)
+                  "--max-tokens", str(max(n, 512)), "--dtype", a.dtype]
+        base, tok = la.load_pretrained(MODEL, dtype=a.dtype, progress=False)
+        with_v1, _ = la.load_pretrained(MODEL, dtype=a.dtype, progress=False)
         la.load_adapter(with_v1, saved["v1"].folder)
         with ServerProcess(flags, Path(tmp) / "server.log") as server:
             command = server.command.replace(tmp, "$TMP")
