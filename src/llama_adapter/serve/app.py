@@ -144,6 +144,9 @@ def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
 
+        def envelope(kind: str, choices: list[dict], **rest: Any) -> dict:
+            return {"id": ident, "object": kind, "created": created, "model": req.model, "choices": choices, **rest}
+
         def usage() -> dict:
             return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
                     "total_tokens": job.prompt_tokens + job.completion_tokens}
@@ -161,8 +164,7 @@ def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
             text, finish = "".join(texts), event[1]
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                       if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-            return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
-                                 "created": created, "model": req.model, "choices": [choice], "usage": usage()})
+            return JSONResponse(envelope("chat.completion" if chat else "text_completion", [choice], usage=usage()))
 
         kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -174,7 +176,7 @@ def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": None}
-            return {"id": ident, "object": kind, "created": created, "model": req.model, "choices": [choice]}
+            return envelope(kind, [choice])
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -194,8 +196,7 @@ def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
                 else:
                     yield sse(chunk(None if chat else "", finish=event[1]))
                     if req.stream_options is not None and req.stream_options.include_usage:
-                        yield sse({"id": ident, "object": kind, "created": created, "model": req.model,
-                                   "choices": [], "usage": usage()})
+                        yield sse(envelope(kind, [], usage=usage()))
                 yield "data: [DONE]\n\n"
             except ClientGone:
                 return

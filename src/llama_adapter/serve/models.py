@@ -14,8 +14,6 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..interop import load_adapter
 from ..methods.fold import fold
 from ..methods.visual import VisualFrontend
@@ -60,33 +58,22 @@ def _load_one(base: LlamaLM, tok: Tokenizer, name: str, path: str, force: bool) 
     if shares_base(model):
         return served
     served.batch = name
-    if not served.images:  # fold into a copy of its own: the base's decode speed
-        model = copy.deepcopy(base)
-        load_adapter(model, path, tokenizer=tok, force=force)
-        fold(model)
+    if not served.images:  # fold into a copy of its own (base weights included): the base's decode speed
+        model = fold(copy.deepcopy(model))
         fuse_projections(model)
         served.model, served.folded = model, True
     return served
 
 
 def share_encoders(served: dict[str, ServedModel]) -> None:
-    """One frozen image encoder per spec for all adapters: each adapter otherwise loads its own copy (an
-    EfficientNet-Lite0 is 14 MB, several times a V1 adapter). Encoders that carry adapters of their own
-    (LaVIN's ViT adapters) or differ in a weight stay separate."""
+    """One frozen image encoder per fingerprint (weights, preprocessing, taps) for all adapters: each adapter
+    otherwise loads its own copy (an EfficientNet-Lite0 is 14 MB, several times a V1 adapter). Encoders that
+    carry trainable parts of their own (LaVIN's ViT adapters) stay separate."""
     first: dict[str, ImageEncoder] = {}
     for s in served.values():
         for frontend in (m for m in s.model.modules() if isinstance(m, VisualFrontend)):
-            encoder = frontend.encoder
-            if encoder.has_trainable() or any(p.requires_grad for p in encoder.parameters()):
-                continue
-            kept = first.setdefault(frontend.spec, encoder)
-            if kept is not encoder and _same_tensors(kept, encoder):
-                frontend.encoder = kept
-
-
-def _same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+            if not frontend.encoder.has_trainable():
+                frontend.encoder = first.setdefault(frontend.encoder.fingerprint(), frontend.encoder)
 
 
 def count_added_bytes(base: LlamaLM, served: dict[str, ServedModel]) -> None:
