@@ -154,20 +154,27 @@ def test_v2_release_new_gate_other_than_one_is_refused(base, tmp_path):
         interop.load_adapter(model, tmp_path / "v2.pth")
 
 
+def release_adapter(a: str, width: int, rank: int, groups: int, seed: int, stride: int) -> dict:
+    """One of LaVIN's release adapters named `a` (conv_A down, grouped conv_B/conv_D up, the router), each tensor
+    from its own seed: seed + k * stride for the k-th, a conv's bias at its weight's seed + stride / 2."""
+    seeds = [seed + k * stride for k in range(6)]
+    s = {f"{a}.conv_A.weight": torch.randn(rank, width, 1, generator=g(seeds[0])) / width ** 0.5,
+         f"{a}.conv_A.bias": 0.1 * torch.randn(rank, generator=g(seeds[1]))}
+    for conv, at in (("conv_B", seeds[2]), ("conv_D", seeds[3])):
+        s[f"{a}.{conv}.weight"] = 0.3 * torch.randn(width, rank // groups, 1, generator=g(at))
+        s[f"{a}.{conv}.bias"] = 0.1 * torch.randn(width, generator=g(at + stride // 2))
+    s[f"{a}.expert_weights.weight"] = torch.randn(2, width, generator=g(seeds[4]))
+    s[f"{a}.expert_weights.bias"] = torch.randn(2, generator=g(seeds[5]))
+    return s
+
+
 def lavin_checkpoint(rank: int = 8, groups: int = 2, module_prefix: bool = True, ffn: bool = False) -> dict:
     pre = "module." if module_prefix else ""
     s: dict[str, torch.Tensor] = {f"{pre}adapter_modality_embedding.weight": torch.randn(2, C, generator=g(3))}
     slots = ("adapter_attn", "adapter_mlp") if ffn else ("adapter_attn",)
     for i in range(N):
         for slot in slots:
-            a = f"{pre}layers.{i}.{slot}"
-            s[f"{a}.conv_A.weight"] = torch.randn(rank, C, 1, generator=g(100 + i)) / C ** 0.5
-            s[f"{a}.conv_A.bias"] = 0.1 * torch.randn(rank, generator=g(110 + i))
-            for conv, seed in (("conv_B", 120), ("conv_D", 130)):
-                s[f"{a}.{conv}.weight"] = 0.3 * torch.randn(C, rank // groups, 1, generator=g(seed + i))
-                s[f"{a}.{conv}.bias"] = 0.1 * torch.randn(C, generator=g(seed + 5 + i))
-            s[f"{a}.expert_weights.weight"] = torch.randn(2, C, generator=g(140 + i))
-            s[f"{a}.expert_weights.bias"] = torch.randn(2, generator=g(150 + i))
+            s.update(release_adapter(f"{pre}layers.{i}.{slot}", C, rank, groups, seed=100 + i, stride=10))
     s[f"{pre}backbone.visual.transformer.resblocks.0.adapter_attn.conv_A.weight"] = torch.randn(rank, 16, 1)
     s[f"{pre}adapter_proj.conv_A.weight"] = torch.randn(128, 16, 1)
     return {"model": s, "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-3}]},
@@ -374,14 +381,8 @@ def lavin_visual(width: int = VIT["hidden_size"], blocks: int = VIT["num_hidden_
     """LaVIN's visual tensors (CLIP ViT-L/14: 24 blocks of width 1024, neck hidden 128; scaled down)."""
     s: dict[str, torch.Tensor] = {}
     for j in range(blocks):
-        a = f"module.backbone.visual.transformer.resblocks.{j}.adapter_attn"
-        s[f"{a}.conv_A.weight"] = torch.randn(rank, width, 1, generator=g(500 + j)) / width ** 0.5
-        s[f"{a}.conv_A.bias"] = 0.1 * torch.randn(rank, generator=g(530 + j))
-        for conv, seed in (("conv_B", 560), ("conv_D", 590)):
-            s[f"{a}.{conv}.weight"] = 0.3 * torch.randn(width, rank // groups, 1, generator=g(seed + j))
-            s[f"{a}.{conv}.bias"] = 0.1 * torch.randn(width, generator=g(seed + 15 + j))
-        s[f"{a}.expert_weights.weight"] = torch.randn(2, width, generator=g(620 + j))
-        s[f"{a}.expert_weights.bias"] = torch.randn(2, generator=g(650 + j))
+        s.update(release_adapter(f"module.backbone.visual.transformer.resblocks.{j}.adapter_attn", width, rank,
+                                 groups, seed=500 + j, stride=30))
     s["module.adapter_proj.conv_A.weight"] = torch.randn(hidden, width, generator=g(680)) / width ** 0.5
     s["module.adapter_proj.conv_A.bias"] = 0.1 * torch.randn(hidden, generator=g(681))
     s["module.adapter_proj.conv_B.weight"] = torch.randn(C, hidden, generator=g(682)) / hidden ** 0.5
