@@ -174,6 +174,9 @@ def test_prompt_layouts(tiny):
                                                                   ("user", "one")]))
     assert plain.index("### Human: hi") < plain.index("yes") < plain.index("### Human: one")
     assert plain.endswith("### Assistant: ")
+    tok.hf.chat_template = None  # a base without a chat template falls back to Alpaca: the experts' text once
+    fallback = tok.decode(render_chat(tok, PromptLayout(), [("user", "hello")], "OCR: 42"))
+    assert "### Instruction:\nhello\n\n" in fallback and fallback.count("OCR: 42") == 1
 
 
 def _data_url(image: Image.Image, fmt: str = "PNG") -> str:

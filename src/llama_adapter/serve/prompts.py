@@ -9,7 +9,6 @@ import yaml
 
 from ..data.multimodal import prompt_ids
 from ..data.templates import alpaca_prompt
-from ..experts import with_context
 from ..model.tokenizer import Tokenizer
 
 
@@ -44,17 +43,17 @@ def render_chat(tok: Tokenizer, layout: PromptLayout, messages: list[tuple[str, 
     system = "\n\n".join(t for r, t in messages if r == "system")
     turns = [(r, t) for r, t in messages if r != "system"]
     last = turns[-1][1]
-    if expert_text:
-        last = f"{last}\n\n{expert_text}" if layout.template != "alpaca" else last
     template = layout.template
     if template is None and not tok.has_chat_template:
         template = "alpaca"
+    if template == "alpaca":
+        instruction = f"{system}\n\n{last}" if system else last
+        return tok.encode(alpaca_prompt(instruction, expert_text), add_special_tokens=True)
+    if expert_text:
+        last = f"{last}\n\n{expert_text}"
     if template is None:
         chat = [{"role": r, "content": t} for r, t in messages[:-1]] + [{"role": "user", "content": last}]
         return tok.encode(tok.chat_prompt(chat), add_special_tokens=False)
-    if template == "alpaca":
-        instruction = f"{system}\n\n{last}" if system else last
-        return tok.encode(alpaca_prompt(instruction, with_context("", [expert_text])), add_special_tokens=True)
     history: list[tuple[str, str]] = []
     pending: str | None = None
     for role, text in turns[:-1]:
