@@ -355,7 +355,7 @@ class Trainer:
         elif self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
             self.log.write(rec)
         if "loss" in rec:
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_per_s']:.0f}", kind=rec["kind"])
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_per_s']:.0f}", kind=rec["kind"], refresh=False)
         bar.update(1)
         if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
             val = self.evaluate()
