@@ -566,11 +566,16 @@ def test_no_request_above_ever_got_a_5xx(url):
 # disconnects and metrics
 
 
-def test_client_disconnect_mid_stream_frees_its_slot(url, refs):
+def test_client_disconnect_mid_stream_frees_its_slot(served, refs, monkeypatch):
+    url, server = served
     prompt = "count to three"
     n = 600
     # the greedy answer runs the whole n tokens (no EOS), so stopping early can only come from the disconnect
     assert chat_reference(refs, "v1", prompt, max_new_tokens=n).completion_tokens == n
+    # each decode step takes at least 10 ms, so the n tokens take 6 s whatever the machine's speed (a fast one
+    # finished all 600 tokens of the tiny model before the hang-up could be seen)
+    step = server.scheduler._step
+    monkeypatch.setattr(server.scheduler, "_step", lambda batch: (time.sleep(0.01), step(batch)))
     before = metrics(url)
     body = {"model": "v1", "messages": [{"role": "user", "content": prompt}], "max_tokens": n, "temperature": 0,
             "stream": True}
