@@ -67,6 +67,23 @@ def serve(config: Any) -> Iterator[tuple[str, Any]]:
         yield url, server
 
 
+@contextmanager
+def paced(server: Any, seconds: float = 0.01) -> Iterator[None]:
+    """Each decode step of the server takes at least `seconds`: a test that must act in the middle of an
+    answer (hang up, press stop) then holds on a machine fast enough to finish the tiny model's answer first."""
+    step = server.scheduler._step
+
+    def slow_step(batch: Any) -> None:
+        time.sleep(seconds)
+        step(batch)
+
+    server.scheduler._step = slow_step
+    try:
+        yield
+    finally:
+        del server.scheduler._step  # the class's method again
+
+
 def openai_client(url: str, api_key: str = "no-key", timeout: float = 60.0) -> Any:
     """The official client pointed at our server; no retries, so a 429 or 5xx is seen as it is."""
     from openai import OpenAI

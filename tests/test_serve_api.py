@@ -31,6 +31,7 @@ from serve_util import (
     image_message,
     load_reference,
     openai_client,
+    paced,
     random_image,
     serve,
 )
@@ -566,28 +567,27 @@ def test_no_request_above_ever_got_a_5xx(url):
 # disconnects and metrics
 
 
-def test_client_disconnect_mid_stream_frees_its_slot(served, refs, monkeypatch):
+def test_client_disconnect_mid_stream_frees_its_slot(served, refs):
     url, server = served
     prompt = "count to three"
     n = 600
     # the greedy answer runs the whole n tokens (no EOS), so stopping early can only come from the disconnect
     assert chat_reference(refs, "v1", prompt, max_new_tokens=n).completion_tokens == n
-    # each decode step takes at least 10 ms, so the n tokens take 6 s whatever the machine's speed (a fast one
-    # finished all 600 tokens of the tiny model before the hang-up could be seen)
-    step = server.scheduler._step
-    monkeypatch.setattr(server.scheduler, "_step", lambda batch: (time.sleep(0.01), step(batch)))
     before = metrics(url)
     body = {"model": "v1", "messages": [{"role": "user", "content": prompt}], "max_tokens": n, "temperature": 0,
             "stream": True}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: ") and '"content"' in line and '"content":""' not in line.replace(" ", ""):
-                break  # the first chunk with text: hang up
-    deadline = time.monotonic() + 5
-    while running(metrics(url)) > 0:
-        assert time.monotonic() < deadline, "the disconnected stream still holds its slot after 5 s"
-        time.sleep(0.05)
+    # 10 ms a step at least: the n tokens take 6 s on any machine (a fast one finished all but 5 of them
+    # before the hang-up was seen)
+    with paced(server, 0.01):
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"content"' in line and '"content":""' not in line.replace(" ", ""):
+                    break  # the first chunk with text: hang up
+        deadline = time.monotonic() + 5
+        while running(metrics(url)) > 0:
+            assert time.monotonic() < deadline, "the disconnected stream still holds its slot after 5 s"
+            time.sleep(0.05)
     generated = tokens_generated(metrics(url)) - tokens_generated(before)
     assert generated < n / 2, f"{generated} tokens generated for a client that left after the first chunk"
 

@@ -2,14 +2,16 @@
 against the real server on loopback serving a tiny random model and a V1 adapter that takes images (issue 35).
 
 The page's streamed answer is compared with the server's own non-streamed answer to the same request
-(greedy), so what the page shows is what the model said; a screenshot of the page after the answer is
-saved to bench/results/serve_page.png.
+(greedy), so what the page shows is what the model said. With SERVE_PAGE_SCREENSHOT=1 the page after the
+answer is saved to bench/results/serve_page.png (otherwise to the test's temporary folder, so that a test run
+leaves the checkout as it was).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import time
@@ -22,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import save_tiny_folder
 from playwright import sync_api
-from serve_util import VISION, save_v1, serve
+from serve_util import VISION, paced, save_v1, serve
 
 from llama_adapter.serve import ServeConfig
 
@@ -35,7 +37,7 @@ SCREENSHOT = Path(__file__).resolve().parents[1] / "bench" / "results" / "serve_
 CONTEXT = 4096  # the tiny model's context: room for an answer long enough to be stopped halfway
 MAX_TOKENS = 3000  # the server's bound on max_tokens
 ANSWER_TOKENS = 24
-LONG_TOKENS = MAX_TOKENS  # several seconds of streaming (greedy, the tiny model does not end it early)
+LONG_TOKENS = MAX_TOKENS  # greedy, the tiny model does not end it early
 QUESTION = "what colour is the triangle?"
 ASSISTANT_TEXT = "document.querySelectorAll('.message.assistant .text')"
 
@@ -49,9 +51,14 @@ def served_config(tmp_path_factory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def site(served_config) -> str:
-    with serve(ServeConfig(**served_config)) as (url, _server):
-        yield url
+def served(served_config) -> Any:
+    with serve(ServeConfig(**served_config)) as (url, server):
+        yield url, server
+
+
+@pytest.fixture(scope="module")
+def site(served) -> str:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +168,9 @@ def test_a_question_with_an_image_streams_the_models_answer(page, site, tmp_path
         {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": url}}]}]
     assert answer == server_answer(site, sent[0])
 
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    shot = SCREENSHOT if os.environ.get("SERVE_PAGE_SCREENSHOT") == "1" else tmp_path / SCREENSHOT.name
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 0
 
     # a second turn carries the whole conversation
     page.fill("#prompt", "and the square?")
@@ -181,17 +189,19 @@ def metric(site: str, name: str) -> float:
     return float(match.group(1))
 
 
-def test_stop_ends_a_long_answer_and_the_chat_goes_on(page, site):
+def test_stop_ends_a_long_answer_and_the_chat_goes_on(page, served):
+    site, server = served
     generated = metric(site, "llama_adapter_generated_tokens_total")
     page.select_option("#model", "v1img")
     settings(page, LONG_TOKENS)
     page.fill("#prompt", "tell me a long story")
-    page.click("#send")
     length = f"{ASSISTANT_TEXT}[0].textContent.length"
-    page.wait_for_function(f"{length} > 0")
-    seen = page.evaluate(length)
-    page.wait_for_function(f"{length} > {seen}")  # it streams: the text grows
-    page.click("#stop")  # waits for the button to be enabled: fails if the answer had already ended
+    with paced(server, 0.005):  # the long answer takes 15 s at least, however fast the machine
+        page.click("#send")
+        page.wait_for_function(f"{length} > 0")
+        seen = page.evaluate(length)
+        page.wait_for_function(f"{length} > {seen}")  # it streams: the text grows
+        page.click("#stop")  # waits for the button to be enabled: fails if the answer had already ended
     page.wait_for_selector(".message.assistant.stopped")
     wait_idle(page)
     stopped = page.evaluate(length)
