@@ -132,6 +132,51 @@ def test_sweep_runs_resumes_and_reports(recipe, tmp_path, capsys):
     assert "0 run(s) trained now" in printed and base in printed
 
 
+def test_reuse_copies_only_the_same_runs_of_another_sweep(recipe, tmp_path, capsys):
+    spec = EvalSpec("alpaca-nll")
+    init = run_sweep(str(recipe), parse_grid(["method.init=zero,random"]), spec, tmp_path / "init", seeds=1)
+    calls: list[str] = []
+
+    def counted(job: RunJob, device: str | None) -> str:
+        calls.append(job.label)
+        return run_job(job, device)
+
+    # the prompt sweep's own setting (linear) is the init sweep's zero-init run: copied, not trained again
+    result = run_sweep(str(recipe), parse_grid(["method.prompt=linear,mlp"]), spec, tmp_path / "prompt", seeds=1,
+                       runner=counted, reuse=[tmp_path / "init"])
+    assert calls == ["method.prompt=mlp"] and len(result.reused) == 1
+    copied = json.loads((Path(result.reused[0]) / "result.json").read_text())
+    donor = json.loads((tmp_path / "init" / "runs" / "method.init=zero" / "seed0" / "result.json").read_text())
+    assert copied["setting"] == "method.prompt=linear" and copied["reused_from"].endswith("method.init=zero/seed0")
+    assert copied["value"] == donor["value"] and copied["examples"] == donor["examples"]
+    rows = {r["setting"]: r for r in result.rows}
+    assert rows["method.prompt=linear"]["baseline"] and "paired" in rows["method.prompt=mlp"]
+    assert init.ran and len(init.ran) == 2
+
+    # another seed, another recipe or another evaluation is not the same run: trained
+    calls.clear()
+    seeds = run_sweep(str(recipe), parse_grid(["method.prompt=linear"]), spec, tmp_path / "seeds", seeds=2,
+                      runner=counted, reuse=[tmp_path / "init"])
+    assert calls == ["method.prompt=linear"] and [Path(f).name for f in seeds.reused] == ["seed0"]
+    calls.clear()
+    lr = run_sweep(str(recipe), parse_grid(["method.prompt=linear"]), spec, tmp_path / "lr", seeds=1,
+                   runner=counted, reuse=[tmp_path / "init"], overrides=["train.lr=0.01"])
+    assert calls == ["method.prompt=linear"] and lr.reused == []
+    calls.clear()
+    other = EvalSpec("alpaca-nll", limit=2)
+    result = run_sweep(str(recipe), parse_grid(["method.prompt=linear"]), other, tmp_path / "limit", seeds=1,
+                       runner=counted, reuse=[tmp_path / "init"])
+    assert calls == ["method.prompt=linear"] and result.reused == []
+    assert "evaluated differently" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no sweep.json"):
+        run_sweep(str(recipe), parse_grid(["method.prompt=linear"]), spec, tmp_path / "x", seeds=1,
+                  reuse=[tmp_path / "nowhere"])
+    # on the command line
+    assert cli_main(["sweep", "--recipe", str(recipe), "--grid", "method.prompt=linear", "--seeds", "1",
+                     "--eval", "alpaca-nll", "--out", str(tmp_path / "cli"), "--reuse", str(tmp_path / "init")]) == 0
+    assert "0 run(s) trained now, 1 reused from other sweeps" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_runs_are_spread_over_the_devices_given(recipe, tmp_path):
     result = run_sweep(str(recipe), parse_grid(["method.init=zero,random"]), EvalSpec("alpaca-nll"), tmp_path / "s",

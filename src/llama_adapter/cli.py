@@ -176,9 +176,10 @@ def cmd_sweep(a: argparse.Namespace) -> int:
                     mode=a.mode, answer_form=a.answer_form, template=a.template)
     devices = [d.strip() for d in a.devices.split(",") if d.strip()] if a.devices else []
     result = run_sweep(a.recipe, parse_grid(a.grid), spec, a.out, seeds=a.seeds, devices=devices,
-                       overrides=a.overrides)
+                       overrides=a.overrides, reuse=a.reuse or ())
     print((result.out / "results.md").read_text())
-    print(f"{len(result.ran)} run(s) trained now; table, plot and runs in {result.out}")
+    print(f"{len(result.ran)} run(s) trained now, {len(result.reused)} reused from other sweeps; "
+          f"table, plot and runs in {result.out}")
     return 0
 
 
@@ -458,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--devices", default=None,
                     help="comma-separated devices (cuda:0,cuda:1): one run at a time on each (default: one machine, "
                          "sequential, the recipe's device)")
+    sw.add_argument("--reuse", action="append", default=None, metavar="SWEEP_DIR",
+                    help="another sweep's folder: its finished runs that are the same run (recipe, seed, "
+                         "evaluation) are copied instead of trained again, e.g. the shared baseline (repeatable)")
     sw.add_argument("--problems", default=None, help="scienceqa: problems.json")
     sw.add_argument("--images", default=None, help="scienceqa: the images folder")
     sw.add_argument("--eval-file", default=None,

@@ -8,7 +8,8 @@ Layout of the output folder:
   runs/<setting>/seed<k>/   one run: the trainer's folder (checkpoints, log.jsonl), then
                             result.json (evaluation, per-example results, parameters, time) and
                             the `done` marker, written last; a run with both is never rerun
-                            (an unfinished run resumes from its own checkpoints)
+                            (an unfinished run resumes from its own checkpoints); with `reuse`,
+                            a finished identical run of another sweep is copied here instead
   results.json, results.md  one row per setting: mean and spread over seeds, parameters, time,
                             and the paired test against the recipe's own setting
   loss_curves.png           the settings' training-loss curves (mean over seeds) overlaid
@@ -107,6 +108,7 @@ class SweepResult:
     out: Path
     rows: list[dict[str, Any]]
     ran: list[str] = field(default_factory=list)  # run folders trained in this call (the rest were done already)
+    reused: list[str] = field(default_factory=list)  # run folders copied from another sweep's identical runs
 
 
 def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -170,6 +172,47 @@ def plan(recipe: str, grid: Sequence[tuple[str, list[str]]], seeds: int, out: Pa
 
 def is_done(folder: str | Path) -> bool:
     return (Path(folder) / DONE).is_file() and (Path(folder) / "result.json").is_file()
+
+
+def _run_key(recipe: Recipe) -> tuple[str, int]:
+    """What makes two runs the same run: the setting's identity and the seed."""
+    return json.dumps(_identity(recipe), sort_keys=True, default=str), recipe.train.seed
+
+
+def reuse_runs(jobs: Sequence[RunJob], evaluation: EvalSpec, donors: Sequence[str | Path]) -> list[str]:
+    """Copy into this sweep the finished runs of other sweeps that are the same run: the same recipe (less
+    the per-run keys), the same seed and the same evaluation. Why: ablations of one recipe share its own
+    setting, so sweeps of different keys need not train the baseline again. Returns the folders filled."""
+    wanted = {_run_key(load_recipe(j.recipe, list(j.overrides))): j for j in jobs if not is_done(j.folder)}
+    filled = []
+    for donor in map(Path, donors):
+        sweep_file = donor / "sweep.json"
+        if not sweep_file.is_file():
+            raise FileNotFoundError(f"--reuse {donor}: not a sweep folder (no sweep.json)")
+        if read_json(sweep_file, "sweep settings").get("eval") != dataclasses.asdict(evaluation):
+            print(f"--reuse {donor}: evaluated differently, none of its runs taken")
+            continue
+        for folder in sorted((donor / "runs").glob("*/seed*")):
+            if not wanted or not is_done(folder) or not (folder / "recipe.yaml").is_file():
+                continue
+            job = wanted.pop(_run_key(load_recipe(folder / "recipe.yaml")), None)
+            if job is not None:
+                _copy_run(folder, job)
+                filled.append(job.folder)
+    return filled
+
+
+def _copy_run(source: Path, job: RunJob) -> None:
+    """The finished run at `source` as `job`'s folder (written beside it, then renamed into place)."""
+    import shutil
+
+    target, staging = Path(job.folder), Path(job.folder + ".reusing")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    result = read_json(staging / "result.json", "sweep run result")
+    atomic_write_json(staging / "result.json", {**result, "setting": job.label, "reused_from": str(source)})
+    shutil.rmtree(target, ignore_errors=True)  # an unfinished attempt at the same run
+    staging.rename(target)
 
 
 # -- evaluation of one trained run ------------------------------------------------------------------
@@ -301,23 +344,25 @@ def _run_all(jobs: list[RunJob], devices: Sequence[str], bar: Any,
 
 def run_sweep(recipe: str, grid: Sequence[tuple[str, list[str]]], evaluation: EvalSpec, out: str | Path,
               seeds: int = 3, devices: Sequence[str] = (), overrides: Sequence[str] = (),
-              runner: Callable[[RunJob, str | None], str] = run_job) -> SweepResult:
+              runner: Callable[[RunJob, str | None], str] = run_job, reuse: Sequence[str | Path] = ()) -> SweepResult:
     """Run every (setting, seed) of the grid not already done, then write the table and the plot.
+    `reuse`: other sweeps' folders whose identical finished runs are copied instead of trained again.
     `runner` is the one-run function (a test may wrap it; with several devices the pool runs `run_job`)."""
     from tqdm.auto import tqdm
 
     out = Path(out)
     jobs, baseline = plan(recipe, grid, seeds, out, evaluation, overrides)
-    todo = [j for j in jobs if not is_done(j.folder)]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "sweep.json", {"recipe": str(recipe), "grid": [[k, v] for k, v in grid], "seeds": seeds,
                                            "overrides": list(overrides), "eval": dataclasses.asdict(evaluation),
-                                           "baseline": baseline})
+                                           "baseline": baseline, "reuse": [str(d) for d in reuse]})
+    reused = reuse_runs(jobs, evaluation, reuse) if reuse else []
+    todo = [j for j in jobs if not is_done(j.folder)]
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="sweep runs", unit="run") as bar:
         ran = _run_all(todo, devices, bar, runner)
     rows = summarise(jobs, baseline, evaluation)
     write_report(out, rows, evaluation, baseline, jobs)
-    return SweepResult(out, rows, ran)
+    return SweepResult(out, rows, ran, reused)
 
 
 # -- the report ---------------------------------------------------------------------------------------
