@@ -36,7 +36,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="pack the base model's block linears to int8 or 4-bit weights (docs/quantization.md)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (torch.compile; plain or folded models only, else eager)")
+                   help="compile the decode step (torch.compile; plain, folded and adapted models: V1, V2 "
+                        "without LoRA, LaVIN; anything else decodes eagerly)")
     p.add_argument("--force", action="store_true",
                    help="load an adapter whose recorded base model differs by name or shape (its tensors must "
                         "still fit)")

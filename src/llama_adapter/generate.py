@@ -103,7 +103,7 @@ def generate_tokens(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequenc
     rows = batch.attention_mask.shape[0]
     fast = compiled_decode_of(model)
     size = _cache_length(batch.length + max_new, limit, fast is not None)
-    if fast is not None and not fast.usable(batch.extras, size):
+    if fast is not None and not fast.usable(size):
         fast, size = None, batch.length + max_new
     cache = model.new_cache(rows, size)
     generator = None
@@ -129,7 +129,7 @@ def generate_tokens(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequenc
             return
         past = cache.length
         key_valid[:, past] = True
-        logits = fast.step(token, positions, cache, key_valid) if fast is not None else None
+        logits = fast.step(token, positions, cache, key_valid, batch.extras) if fast is not None else None
         if logits is None:
             fast = None
             logits = model(token[:, None], attention_mask=key_valid[:, :past + 1] if padded else None,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batch import IGNORE, PreparedBatch
-from ..model.llama import ForwardContext, LlamaLM
+from ..model.llama import ForwardContext, KVCache, LlamaLM
 from ..model.tokenizer import Tokenizer
 from ..vision import LavinNeck
 from .registry import Attached, Method, register
@@ -159,6 +159,16 @@ class ModalityRoutedAdapter(MMAdapter):
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # type: ignore[override]
         return self.mix(h, self.weights(h, ctx))
+
+    def decode_terms(self, cache: KVCache, rows: int) -> dict[str, Any]:
+        """For the compiled decode step (model/fastpath.py), after the prefill: the adapter's tensors and the
+        routing weights [B, 2] the prefill fixed."""
+        if self.routed and self.key not in cache.state:
+            raise ValueError("LaVIN decode step without routing weights in the cache: decode after a prefill")
+        weights = cache.state[self.key] if self.routed else self.fixed_weights(rows, self.down.weight.device)
+        return {"down_w": self.down.weight, "down_b": self.down.bias, "up0_w": self.up0.weight,
+                "up0_b": self.up0.bias, "up1_w": self.up1.weight, "up1_b": self.up1.bias,
+                "weights": weights, "scale": float(self.scale)}
 
     def weights(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if not self.routed:

@@ -9,11 +9,12 @@ keys get no rotary embedding; they go through the layer's frozen key/value proje
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..model.llama import Attention, ForwardContext
+from ..model.llama import Attention, ForwardContext, KVCache
 
 GATES = ("per_head_tanh", "per_head", "scalar_tanh", "scalar")
 # Ablations (docs/ablations.md), not the method's defaults:
@@ -122,6 +123,22 @@ class GatedPrefix(nn.Module):
         if cache is not None:
             cache.prefix[attn.layer_idx] = kv
         return kv
+
+    def decode_terms(self, attn: Attention, cache: KVCache,
+                     extras: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For the compiled decode step (model/fastpath.py), after the prefill: the prompt's keys and values
+        [1 or B, G, K, d] as the prefill cached them, and the gate per row and head [1 or B, H]; None where
+        this prefix adds nothing to these rows (no row of `row_key`)."""
+        rows = extras.get(self.row_key) if self.row_key else None
+        if self.row_key and rows is None:
+            return None
+        if attn.layer_idx not in cache.prefix:
+            raise ValueError(f"layer {attn.layer_idx}: no prompt keys/values in the cache; decode after a prefill")
+        k, v = cache.prefix[attn.layer_idx]
+        gate = self.gate_value().expand(attn.n_heads)[None]
+        if rows is not None:
+            gate = gate * rows.to(gate.dtype).view(-1, 1)
+        return k, v, gate
 
     def forward(self, attn: Attention, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         rows = ctx.extras.get(self.row_key) if self.row_key else None

@@ -8,12 +8,20 @@ bandwidth on a CPU, and the ~500 small eager ops per step add milliseconds of di
 Inductor turns the explicit multiply-and-reduce below into vectorised, parallel loops that
 stream the weights near the bandwidth bound, and fuses the elementwise work in between.
 
-The graph is used only while it computes exactly what the eager model computes: a plain
-model (no adapter hooks, no LoRA/scale/delta_bias on any linear, no PyTorch module hooks),
-no gradient recording, and no sliding window the step could exceed. Anything else takes the
-eager path, so attaching an adapter after enabling is always safe. Compilation happens on
-the first decode step (tens of seconds on a CPU; later processes reuse inductor's on-disk
-cache); a failure to compile disables the fast path for that model with a warning.
+Adapted models decode through the same graph: after the prefill an adapter's contribution to a
+decode step is a function of constants (V1/V2 prompts' keys/values, cached at the prefill; LaVIN's
+routing weights, fixed by the modality token at the prefill; V2's scales and extra biases), so
+each hook hands its tensors over (`decode_terms`) and the graph computes the same terms. Layers
+without a term that others have get a neutral one (gate 0, routing weights 0, scale 1), which adds
+exactly nothing, so one graph serves every group of blocks.
+
+The graph is used only while it computes exactly what the eager model computes
+(`why_not_compiled`): no low-rank update or quantized weight on a linear, no hook without
+`decode_terms`, no PyTorch module hooks, no gradient recording, and no sliding window the
+step could exceed. Anything else takes the eager path, so attaching anything after enabling
+is safe. Compilation happens on the first decode step (tens of seconds on a CPU; later
+processes reuse inductor's on-disk cache); a failure to compile disables the fast path for
+that model with a warning.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .attached import method_is_plain
 from .fused import has_module_hooks
@@ -55,25 +64,52 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+LINEARS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
+           "o": ("self_attn", "o_proj"), "g": ("mlp", "gate_proj"), "u": ("mlp", "up_proj"),
+           "d": ("mlp", "down_proj")}
+
+
+def _linear(h: torch.Tensor, t: dict[str, Any], name: str, use_gemv: bool) -> torch.Tensor:
+    """The block's linear `name` with its optional extra bias and scale (an unfolded V2):
+    scale * (W h + b + delta_bias), as AdaptableLinear computes it."""
+    y = (_gemv if use_gemv else F.linear)(h, t["w" + name], t["b" + name])
+    if t.get("db" + name) is not None:
+        y = y + t["db" + name]
+    if t.get("s" + name) is not None:
+        y = y * t["s" + name]
+    return y
+
+
+def _routed_adapter(h: torch.Tensor, a: dict[str, Any]) -> torch.Tensor:
+    """LaVIN's MM-adapter with its routing weights fixed at prefill: h + s (w0 U0(D h) + w1 U1(D h))."""
+    hidden = F.linear(h.to(a["down_w"].dtype), a["down_w"], a["down_b"])
+    g = a["up0_w"].shape[0]
+    hg = hidden.unflatten(-1, (g, -1))
+    w = a["weights"].to(hidden.dtype)
+    up0 = torch.einsum("bgk,gok->bgo", hg, a["up0_w"].to(hidden.dtype)).flatten(-2) + a["up0_b"].to(hidden.dtype)
+    up1 = torch.einsum("bgk,gok->bgo", hg, a["up1_w"].to(hidden.dtype)).flatten(-2) + a["up1_b"].to(hidden.dtype)
+    return h + (a["scale"] * (w[:, 0:1] * up0 + w[:, 1:2] * up1)).to(h.dtype)
+
+
 def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, write_at: torch.Tensor,
-           n_heads: int, eps: tuple[float, float], use_gemv: bool, cache_k: torch.Tensor, cache_v: torch.Tensor,
-           norm1: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
-           bq: torch.Tensor | None, bk: torch.Tensor | None, bv: torch.Tensor | None, bo: torch.Tensor | None,
-           norm2: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
-           bg: torch.Tensor | None, bu: torch.Tensor | None, bd: torch.Tensor | None) -> torch.Tensor:
+           n_heads: int, eps: tuple[float, float], use_gemv: bool, t: dict[str, Any]) -> torch.Tensor:
     """One decoder block for one token per row: x [B, C] -> [B, C].
 
     Writes the step's keys/values at position `write_at` (a 1-element long tensor) of the
     layer's caches [B, G, S, d] and attends over all S positions, masked by the additive
-    `bias` [B, 1, 1, S], so every shape is fixed and one graph serves every step.
+    `bias` [B, 1, 1, S], so every shape is fixed and one graph serves every step. What an adapter
+    adds, when `t` holds it: a gated prefix (its keys/values from the prefill and the gate per row),
+    routed adapters before attention and the feed-forward network, scales and biases of the linears.
     """
-    lin = _gemv if use_gemv else F.linear
+    cache_k, cache_v = t["cache_k"], t["cache_v"]
     B = x.shape[0]
     G, d = cache_k.shape[1], cache_k.shape[3]
-    h = _rms(x, norm1, eps[0])
-    q = lin(h, wq, bq).view(B, n_heads, d)
-    k = lin(h, wk, bk).view(B, G, d)
-    v = lin(h, wv, bv).view(B, G, d)
+    h = _rms(x, t["norm1"], eps[0])
+    if "attn_adapter" in t:
+        h = _routed_adapter(h, t["attn_adapter"])
+    q = _linear(h, t, "q", use_gemv).view(B, n_heads, d)
+    k = _linear(h, t, "k", use_gemv).view(B, G, d)
+    v = _linear(h, t, "v", use_gemv).view(B, G, d)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     cache_k.index_copy_(2, write_at, k.unsqueeze(2))
     cache_v.index_copy_(2, write_at, v.unsqueeze(2))
@@ -81,29 +117,78 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
     qg = q.view(B, G, n_heads // G, 1, d).float()
     scores = (qg * cache_k.float().unsqueeze(2)).sum(-1) * (d ** -0.5) + bias  # [B, G, rep, S]
     probs = scores.softmax(-1).unsqueeze(-1)  # [B, G, rep, S, 1]
-    out = (probs * cache_v.float().unsqueeze(2)).sum(-2).to(x.dtype).reshape(B, n_heads * d)
-    x = x + lin(out, wo, bo)
-    h = _rms(x, norm2, eps[1])
-    return x + lin(F.silu(lin(h, wg, bg)) * lin(h, wu, bu), wd, bd)
+    out = (probs * cache_v.float().unsqueeze(2)).sum(-2).to(x.dtype)  # [B, G, rep, d]
+    if "prefix_k" in t:  # the gated prefix: its own softmax over the prompt's keys, times the gate
+        pk, pv = t["prefix_k"].float().unsqueeze(2), t["prefix_v"].float().unsqueeze(2)  # [B|1, G, 1, P, d]
+        p_probs = ((qg * pk).sum(-1) * (d ** -0.5)).softmax(-1).unsqueeze(-1)  # [B, G, rep, P, 1]
+        p_out = (p_probs * pv).sum(-2).to(x.dtype)  # [B, G, rep, d]
+        out = out + t["prefix_gate"].to(x.dtype).view(-1, G, n_heads // G, 1) * p_out
+    x = x + _linear(out.reshape(B, n_heads * d), t, "o", use_gemv)
+    h = _rms(x, t["norm2"], eps[1])
+    if "ffn_adapter" in t:
+        h = _routed_adapter(h, t["ffn_adapter"])
+    return x + _linear(F.silu(_linear(h, t, "g", use_gemv)) * _linear(h, t, "u", use_gemv), t, "d", use_gemv)
 
 
 def _group_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                 write_at: torch.Tensor, n_heads: int, eps: tuple[float, float], use_gemv: bool,
-                layers: list[tuple[Any, ...]]) -> torch.Tensor:
+                layers: list[dict[str, Any]]) -> torch.Tensor:
     """A run of consecutive blocks; one graph for a few blocks amortises the per-call overhead."""
     for tensors in layers:
-        x = _block(x, cos, sin, bias, write_at, n_heads, eps, use_gemv, *tensors)
+        x = _block(x, cos, sin, bias, write_at, n_heads, eps, use_gemv, tensors)
     return x
 
 
-def _block_tensors(layer: Block, cache: KVCache, i: int) -> tuple[Any, ...]:
-    """The block's weights and biases (None where it has none) and caches, in `_block`'s order."""
-    a, f = layer.self_attn, layer.mlp
-    return (cache.k[i], cache.v[i], layer.input_layernorm.weight,
-            a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
-            a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias,
-            layer.post_attention_layernorm.weight, f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight,
-            f.gate_proj.bias, f.up_proj.bias, f.down_proj.bias)
+def decodes_fast(module: nn.Module) -> bool:
+    """Whether a hook module can give the compiled step its decode tensors (`decode_terms`)."""
+    return callable(getattr(module, "decode_terms", None))
+
+
+def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any], rows: int) -> dict[str, Any]:
+    """The block's weights, biases, caches and adapter terms, as `_block` reads them."""
+    t: dict[str, Any] = {"cache_k": cache.k[i], "cache_v": cache.v[i], "norm1": layer.input_layernorm.weight,
+                         "norm2": layer.post_attention_layernorm.weight}
+    for name, (part, attr) in LINEARS.items():
+        lin = getattr(getattr(layer, part), attr)
+        t["w" + name], t["b" + name] = lin.weight, lin.bias
+        if isinstance(lin, AdaptableLinear):
+            t["db" + name], t["s" + name] = lin.delta_bias, lin.scale
+    attn = layer.self_attn
+    if attn.prefix is not None:
+        terms = cast(Any, attn.prefix).decode_terms(attn, cache, extras)
+        if terms is not None:
+            t["prefix_k"], t["prefix_v"], t["prefix_gate"] = terms
+    for slot in ("attn_adapter", "ffn_adapter"):
+        adapter = getattr(layer, slot)
+        if adapter is not None:
+            t[slot] = cast(Any, adapter).decode_terms(cache, rows)
+    return t
+
+
+def _uniform(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give every layer the same entries, so that one graph serves every group of blocks: where a layer
+    lacks a term that another has, a neutral one (a prefix with gate 0, an adapter with routing weights 0,
+    scale 1, extra bias 0), which adds exactly nothing."""
+    def like(name: str) -> Any:
+        return next(t[name] for t in layers if t.get(name) is not None)
+
+    out = []
+    for t in layers:
+        t = dict(t)
+        if "prefix_k" not in t and any("prefix_k" in u for u in layers):
+            t["prefix_k"], t["prefix_v"] = torch.zeros_like(like("prefix_k")), torch.zeros_like(like("prefix_v"))
+            t["prefix_gate"] = torch.zeros_like(like("prefix_gate"))
+        for slot in ("attn_adapter", "ffn_adapter"):
+            if slot not in t and any(slot in u for u in layers):
+                t[slot] = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
+                           for k, v in like(slot).items()}
+        for name in LINEARS:
+            if t.get("s" + name) is None and any(u.get("s" + name) is not None for u in layers):
+                t["s" + name] = torch.ones_like(like("s" + name))
+            if t.get("db" + name) is None and any(u.get("db" + name) is not None for u in layers):
+                t["db" + name] = torch.zeros_like(like("db" + name))
+        out.append(t)
+    return out
 
 
 # Rows per piece of the output head's reduction: on our 2-core CPU a whole-step A/B decoded
@@ -141,6 +226,30 @@ def is_plain(model: LlamaLM) -> bool:
     return not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
+def why_not_compiled(model: LlamaLM) -> str | None:
+    """None when the compiled step computes what the eager forward does for this model, else why not.
+
+    Adapters are fine when each of their hooks gives its decode tensors (`decode_terms`: V1/V2 gated
+    prefixes, LaVIN's routed adapters), and the linears' scales and extra biases (an unfolded V2) are
+    read directly; a low-rank update, a quantized weight, a hook of another kind or a PyTorch module hook
+    keeps the eager path."""
+    for i, layer in enumerate(model.layers):
+        block = cast(Block, layer)
+        hooks = [block.self_attn.prefix, block.attn_adapter, block.ffn_adapter]
+        if any(h is not None and not decodes_fast(h) for h in hooks):
+            return f"layer {i} has a hook without decode_terms"
+    for name, m in model.named_modules():
+        if has_module_hooks(m):
+            return f"{name or 'the model'} has a PyTorch module hook"
+        if isinstance(m, AdaptableLinear) and (m.lora is not None or m.quantized is not None):
+            return f"{name} has a low-rank update or a quantized weight"
+    from torch.nn.modules import module as _module  # global hooks registered with register_module_forward_hook
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return "a global module hook is registered"
+    return None
+
+
 class CompiledDecode:
     """The compiled decode step of one model, and the checks that decide when it may run."""
 
@@ -161,19 +270,21 @@ class CompiledDecode:
         self.compiled_steps = 0
         self._tensors: tuple[KVCache, list] | None = None  # per-layer inputs, built once per generation
 
-    def usable(self, batch_extras: dict[str, Any], cache_len: int) -> bool:
+    def usable(self, cache_len: int) -> bool:
         """Whether the graph computes what the eager model would for a cache of `cache_len`."""
         m = self.model
-        if self.failed is not None or torch.is_grad_enabled() or batch_extras:
+        if self.failed is not None or torch.is_grad_enabled():
             return False
         window = m.config.sliding_window
         if window is not None and cache_len > window:
             return False
-        return is_plain(m)
+        return why_not_compiled(m) is None
 
     def step(self, token: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-             key_valid: torch.Tensor) -> torch.Tensor | None:
-        """Logits [B, V] for `token` [B] at `positions` [B]; None if compiling failed (then use eager)."""
+             key_valid: torch.Tensor, extras: dict[str, Any] | None = None) -> torch.Tensor | None:
+        """Logits [B, V] for `token` [B] at `positions` [B], after the prefill filled `cache` (and the
+        adapters' per-generation state in it) with the method inputs `extras`; None if compiling failed
+        (then use eager)."""
         m = self.model
         cos_table, sin_table = m.rotary.table(cache.max_len, token.device)  # no device sync for the max
         cos, sin = cos_table[positions, None].to(m.dtype), sin_table[positions, None].to(m.dtype)  # [B, 1, d]
@@ -184,7 +295,9 @@ class CompiledDecode:
             x = F.embedding(token, m.embed_tokens.weight)
             if self._tensors is None or self._tensors[0] is not cache:
                 blocks = [cast(Block, layer) for layer in m.layers]
-                self._tensors = (cache, [_block_tensors(b, cache, i) for i, b in enumerate(blocks)])
+                rows = token.shape[0]
+                self._tensors = (cache, _uniform([_block_tensors(b, cache, i, extras or {}, rows)
+                                                  for i, b in enumerate(blocks)]))
             tensors = self._tensors[1]
             first = cast(Block, m.layers[0])
             eps = (first.input_layernorm.eps, first.post_attention_layernorm.eps)
