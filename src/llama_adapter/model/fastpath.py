@@ -39,6 +39,7 @@ from .llama import AdaptableLinear, Block, KVCache, LlamaLM
 
 _ATTR = "_compiled_decode"
 MAX_BLOCKS_PER_GRAPH = 10
+RECOMPILE_LIMIT = 256  # graphs per compiled function in one process (dynamo's default: 8)
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -301,10 +302,15 @@ class CompiledDecode:
             tensors = self._tensors[1]
             first = cast(Block, m.layers[0])
             eps = (first.input_layernorm.eps, first.post_attention_layernorm.eps)
-            for g in range(0, len(tensors), self.group):
-                x = self._blocks(x, cos, sin, bias, write_at, m.config.n_heads, eps, self.use_gemv,
-                                 tensors[g:g + self.group])
-            logits = self._head(x, m.norm.weight, m.norm.eps, m.lm_head.weight, m.lm_head.bias, self.use_gemv)
+            # Every model, batch size, cache length and adapter layout is a graph of the same two functions, and
+            # dynamo's default limit of 8 graphs per function is soon reached by a process holding several
+            # (a server, a test run): the limit is raised for these calls only.
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                for g in range(0, len(tensors), self.group):
+                    x = self._blocks(x, cos, sin, bias, write_at, m.config.n_heads, eps, self.use_gemv,
+                                     tensors[g:g + self.group])
+                logits = self._head(x, m.norm.weight, m.norm.eps, m.lm_head.weight, m.lm_head.bias,
+                                    self.use_gemv)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: fall back to eager
             self.failed = f"{type(e).__name__}: {e}"
             warnings.warn(f"compiled decoding failed, using the eager path: {self.failed}", stacklevel=2)
