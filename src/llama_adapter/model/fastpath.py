@@ -35,7 +35,7 @@ from torch import nn
 
 from .attached import method_is_plain
 from .fused import has_module_hooks
-from .llama import AdaptableLinear, Block, KVCache, LlamaLM
+from .llama import BLOCK_LINEARS, AdaptableLinear, Block, KVCache, LlamaLM
 
 _ATTR = "_compiled_decode"
 MAX_BLOCKS_PER_GRAPH = 10
@@ -65,11 +65,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-LINEARS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
-           "o": ("self_attn", "o_proj"), "g": ("mlp", "gate_proj"), "u": ("mlp", "up_proj"),
-           "d": ("mlp", "down_proj")}
-
-
 def _linear(h: torch.Tensor, t: dict[str, Any], name: str, use_gemv: bool) -> torch.Tensor:
     """The block's linear `name` with its optional extra bias and scale (an unfolded V2):
     scale * (W h + b + delta_bias), as AdaptableLinear computes it."""
@@ -84,12 +79,14 @@ def _linear(h: torch.Tensor, t: dict[str, Any], name: str, use_gemv: bool) -> to
 def _routed_adapter(h: torch.Tensor, a: dict[str, Any]) -> torch.Tensor:
     """LaVIN's MM-adapter with its routing weights fixed at prefill: h + s (w0 U0(D h) + w1 U1(D h))."""
     hidden = F.linear(h.to(a["down_w"].dtype), a["down_w"], a["down_b"])
-    g = a["up0_w"].shape[0]
-    hg = hidden.unflatten(-1, (g, -1))
+    hg = hidden.unflatten(-1, (a["up0_w"].shape[0], -1))  # grouped up-projections (GroupedUp)
+
+    def up(i: int) -> torch.Tensor:
+        w, b = a[f"up{i}_w"].to(hidden.dtype), a[f"up{i}_b"].to(hidden.dtype)
+        return torch.einsum("bgk,gok->bgo", hg, w).flatten(-2) + b
+
     w = a["weights"].to(hidden.dtype)
-    up0 = torch.einsum("bgk,gok->bgo", hg, a["up0_w"].to(hidden.dtype)).flatten(-2) + a["up0_b"].to(hidden.dtype)
-    up1 = torch.einsum("bgk,gok->bgo", hg, a["up1_w"].to(hidden.dtype)).flatten(-2) + a["up1_b"].to(hidden.dtype)
-    return h + (a["scale"] * (w[:, 0:1] * up0 + w[:, 1:2] * up1)).to(h.dtype)
+    return h + (a["scale"] * (w[:, 0:1] * up(0) + w[:, 1:2] * up(1))).to(h.dtype)
 
 
 def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, write_at: torch.Tensor,
@@ -108,9 +105,9 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
     h = _rms(x, t["norm1"], eps[0])
     if "attn_adapter" in t:
         h = _routed_adapter(h, t["attn_adapter"])
-    q = _linear(h, t, "q", use_gemv).view(B, n_heads, d)
-    k = _linear(h, t, "k", use_gemv).view(B, G, d)
-    v = _linear(h, t, "v", use_gemv).view(B, G, d)
+    q = _linear(h, t, "q_proj", use_gemv).view(B, n_heads, d)
+    k = _linear(h, t, "k_proj", use_gemv).view(B, G, d)
+    v = _linear(h, t, "v_proj", use_gemv).view(B, G, d)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     cache_k.index_copy_(2, write_at, k.unsqueeze(2))
     cache_v.index_copy_(2, write_at, v.unsqueeze(2))
@@ -124,11 +121,12 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
         p_probs = ((qg * pk).sum(-1) * (d ** -0.5)).softmax(-1).unsqueeze(-1)  # [B, G, rep, P, 1]
         p_out = (p_probs * pv).sum(-2).to(x.dtype)  # [B, G, rep, d]
         out = out + t["prefix_gate"].to(x.dtype).view(-1, G, n_heads // G, 1) * p_out
-    x = x + _linear(out.reshape(B, n_heads * d), t, "o", use_gemv)
+    x = x + _linear(out.reshape(B, n_heads * d), t, "o_proj", use_gemv)
     h = _rms(x, t["norm2"], eps[1])
     if "ffn_adapter" in t:
         h = _routed_adapter(h, t["ffn_adapter"])
-    return x + _linear(F.silu(_linear(h, t, "g", use_gemv)) * _linear(h, t, "u", use_gemv), t, "d", use_gemv)
+    gate_up = F.silu(_linear(h, t, "gate_proj", use_gemv)) * _linear(h, t, "up_proj", use_gemv)
+    return x + _linear(gate_up, t, "down_proj", use_gemv)
 
 
 def _group_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
@@ -149,11 +147,12 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
     """The block's weights, biases, caches and adapter terms, as `_block` reads them."""
     t: dict[str, Any] = {"cache_k": cache.k[i], "cache_v": cache.v[i], "norm1": layer.input_layernorm.weight,
                          "norm2": layer.post_attention_layernorm.weight}
-    for name, (part, attr) in LINEARS.items():
-        lin = getattr(getattr(layer, part), attr)
-        t["w" + name], t["b" + name] = lin.weight, lin.bias
-        if isinstance(lin, AdaptableLinear):
-            t["db" + name], t["s" + name] = lin.delta_bias, lin.scale
+    for part, names in BLOCK_LINEARS:
+        for name in names:
+            lin = getattr(getattr(layer, part), name)
+            t["w" + name], t["b" + name] = lin.weight, lin.bias
+            if isinstance(lin, AdaptableLinear):
+                t["db" + name], t["s" + name] = lin.delta_bias, lin.scale
     attn = layer.self_attn
     if attn.prefix is not None:
         terms = cast(Any, attn.prefix).decode_terms(attn, cache, extras)
@@ -183,7 +182,7 @@ def _uniform(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if slot not in t and any(slot in u for u in layers):
                 t[slot] = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
                            for k, v in like(slot).items()}
-        for name in LINEARS:
+        for name in (n for _, names in BLOCK_LINEARS for n in names):
             if t.get("s" + name) is None and any(u.get("s" + name) is not None for u in layers):
                 t["s" + name] = torch.ones_like(like("s" + name))
             if t.get("db" + name) is None and any(u.get("db" + name) is not None for u in layers):

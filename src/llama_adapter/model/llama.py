@@ -26,6 +26,10 @@ from .config import ModelConfig
 from .fused import project
 from .rope import Rotary, apply_rotary
 
+# Every block's linears, by parent module: what code that walks a block's projections iterates over.
+BLOCK_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                 ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from .fused import GROUPS
+from .llama import BLOCK_LINEARS
 
 QUANTIZE_CHOICES = ("int8", "int4")
 INT4_GROUP = 32
-LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
 _INT4_N_MULTIPLE = 16  # the CPU packing op needs out_features divisible by 16 (CUDA's by 8)
 
 __all__ = ["QUANTIZE_CHOICES", "QuantizedWeight", "check_quantize", "quantization_of", "quantize_model",
@@ -211,7 +211,7 @@ def _quantize_head(model: Any) -> None:
 def _linears(model: nn.Module) -> list[tuple[str, Any]]:
     out = []
     for i, layer in enumerate(getattr(model, "layers", ())):
-        for parent, names in LINEARS:
+        for parent, names in BLOCK_LINEARS:
             for n in names:
                 out.append((f"layers.{i}.{parent}.{n}", getattr(getattr(layer, parent), n)))
     return out
