@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The default compiled decode step would compile graphs in the background for every tiny model of the run;
+# tests/test_fastpath.py turns it on where it is the subject.
+os.environ.setdefault("LLAMA_ADAPTER_FAST_DECODE", "0")
 
 from pathlib import Path  # noqa: E402
 

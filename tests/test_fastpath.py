@@ -194,3 +194,143 @@ def test_fused_projections_share_storage_and_compute_what_the_separate_linears_d
     ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(ref(ids).logits, separate, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def fast_by_default(monkeypatch, tmp_path):
+    """The test run turns the default fast path off (conftest); these tests turn it on again, with an empty
+    inductor cache of their own (the worker's compiled graphs and its markers go there)."""
+    monkeypatch.setenv("LLAMA_ADAPTER_FAST_DECODE", "1")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+
+def held_back_worker(monkeypatch, gate):
+    """The background compile's worker process, started as usual but waiting for `gate` to exist."""
+    import sys
+
+    from llama_adapter.model import fastpath
+
+    code = (f"import pathlib, sys, time\nwhile not pathlib.Path({str(gate)!r}).exists(): time.sleep(0.05)\n"
+            "from llama_adapter.model.compile_worker import main\nsys.exit(main())")
+    monkeypatch.setattr(fastpath, "WORKER", [sys.executable, "-c", code])
+
+
+def inductor_counts():
+    c = torch._dynamo.utils.counters["inductor"]
+    return c["fxgraph_cache_hit"], c["fxgraph_cache_miss"]
+
+
+def test_default_decode_compiles_in_the_background_while_the_first_call_decodes_eagerly(tiny_folder, fast_by_default,
+                                                                                         monkeypatch, tmp_path):
+    """Issue 38: on a CPU the compiled step is the default, and a first call does not wait for its compile: the
+    worker process is held back here until the call has finished. Once it has compiled, the next call runs on
+    the graphs, which this process takes from the worker's cache entries (no compile of its own), with the
+    eager tokens."""
+    from llama_adapter.model import fastpath
+
+    eager, tok = la.load_pretrained(tiny_folder)
+    la.disable_compiled_decode(eager)
+    model, _ = la.load_pretrained(tiny_folder)
+    prompts = ["the quick brown fox"]
+    want = tokens(eager, tok, prompts, n=12)
+    held_back_worker(monkeypatch, tmp_path / "go")
+    assert tokens(model, tok, prompts, n=12) == want  # finished while the worker waits
+    state = fastpath.compiled_decode_of(model)
+    assert state is not None and state.background and state.compiled_steps == 0 and not state.wait(0.1)
+    (tmp_path / "go").touch()
+    assert state.wait(300)
+    hits, misses = inductor_counts()
+    assert tokens(model, tok, prompts, n=12) == want
+    assert state.failed is None and state.compiled_steps == 11  # every step after the first token
+    assert inductor_counts()[1] == misses and inductor_counts()[0] > hits  # from the worker's cache entries
+    # the worker left a marker in the cache: a model loaded later (here, or in another process) compiles from
+    # the cache at its first step, with no worker
+    later, _ = la.load_pretrained(tiny_folder)
+    assert tokens(later, tok, prompts, n=12) == want
+    assert fastpath.compiled_decode_of(later).compiled_steps == 11 and inductor_counts()[1] == misses
+    # a batch of several rows decodes eagerly by default (faster there: docs/benchmarks.md)
+    two = ["the quick brown fox", "hello"]
+    assert tokens(later, tok, two, n=12) == tokens(eager, tok, two, n=12)
+    assert fastpath.compiled_decode_of(later).compiled_steps == 11
+
+
+def test_a_generation_switches_to_the_graph_when_its_compile_finishes(tiny_folder, fast_by_default, monkeypatch,
+                                                                       tmp_path):
+    """The eager steps before the switch and the graph's steps after it share one cache: the tokens are the
+    eager path's throughout."""
+    from llama_adapter.model import fastpath
+
+    eager, tok = la.load_pretrained(tiny_folder)
+    la.disable_compiled_decode(eager)
+    model, _ = la.load_pretrained(tiny_folder)
+    ids = [tok.encode("the lazy dog")]
+    want = [t.tolist() for t in generate_tokens(eager, tok, ids, Sampling(max_new_tokens=16))]
+    held_back_worker(monkeypatch, tmp_path / "go")
+    got, steps = [], generate_tokens(model, tok, ids, Sampling(max_new_tokens=16))
+    for _ in range(5):
+        got.append(next(steps).tolist())
+    state = fastpath.compiled_decode_of(model)
+    (tmp_path / "go").touch()
+    assert state.wait(300) and state.compiled_steps == 0
+    got += [t.tolist() for t in steps]
+    assert got == want
+    assert state.compiled_steps == 11  # the 11 steps after the switch
+
+
+def test_a_failed_background_compile_leaves_the_eager_path(tiny_folder, fast_by_default, monkeypatch):
+    import sys
+
+    from llama_adapter.model import fastpath
+
+    eager, tok = la.load_pretrained(tiny_folder)
+    la.disable_compiled_decode(eager)
+    model, _ = la.load_pretrained(tiny_folder)
+    monkeypatch.setattr(fastpath, "WORKER", [sys.executable, "-c", "import sys; sys.exit('no C++ compiler here')"])
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler here"):  # once, during one of the calls
+        first = tokens(model, tok, ["hello"], n=8)
+        state = fastpath.compiled_decode_of(model)
+        assert state.wait(60)
+        assert tokens(model, tok, ["hello"], n=8) == first == tokens(eager, tok, ["hello"], n=8)
+    assert state.compiled_steps == 0 and "no C++ compiler here" in state.failed
+
+
+def test_the_default_fast_path_can_be_switched_off(tiny_folder, fast_by_default, monkeypatch):
+    from llama_adapter.model.fastpath import default_decode
+
+    model, tok = la.load_pretrained(tiny_folder)
+    assert default_decode(model) is not None and default_decode(model) is default_decode(model)
+    la.disable_compiled_decode(model)
+    assert default_decode(model) is None
+    monkeypatch.setenv("LLAMA_ADAPTER_FAST_DECODE", "0")
+    other, _ = la.load_pretrained(tiny_folder)
+    assert default_decode(other) is None
+
+
+def test_a_copied_model_gets_a_decode_step_of_its_own(tiny_folder, fast_by_default):
+    import copy
+
+    from llama_adapter.model.fastpath import compiled_decode_of, default_decode
+
+    model, _ = la.load_pretrained(tiny_folder)
+    state = default_decode(model)
+    twin = copy.deepcopy(model)
+    assert compiled_decode_of(twin) is not state and compiled_decode_of(twin).model is twin
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_quantized_base_decodes_through_the_compiled_step_with_the_eager_tokens(tiny_folder, kind):
+    """Issue 38: packed low-bit linears and the int8 head run in the graph through PyTorch's own kernels (the same
+    calls as the eager path), so an fp32 model gives the eager tokens; V1's prompts ride along."""
+    from llama_adapter.model.quantize import quantization_of
+
+    model, tok = la.load_pretrained(tiny_folder, quantize=kind)
+    la.attach(model, la.AdapterV1Config(prompt_len=3, n_layers=2), tokenizer=tok)
+    with torch.no_grad():
+        for p in la.trainable_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
+    assert quantization_of(model) == kind and why_not_compiled(model) is None
+    prompts = ["the quick brown fox", "hello"]
+    eager = tokens(model, tok, prompts, n=12)
+    state = la.enable_compiled_decode(model)
+    assert tokens(model, tok, prompts, n=12) == eager
+    assert state.failed is None and state.compiled_steps == 11

@@ -35,9 +35,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="pack the base model's block linears to int8 or 4-bit weights (docs/quantization.md)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (torch.compile; plain, folded and adapted models: V1, V2 "
-                        "without LoRA, LaVIN; anything else decodes eagerly)")
+    decode = p.add_mutually_exclusive_group()
+    decode.add_argument("--compile", action="store_true",
+                        help="compile the decode step before the first token and wait for it (default on a CPU: "
+                             "it compiles in the background while the first tokens decode eagerly; plain, folded "
+                             "and adapted models: V1, V2 without LoRA, LaVIN; anything else decodes eagerly)")
+    decode.add_argument("--eager", action="store_true",
+                        help="no compiled decode step: every token through the eager model (docs/benchmarks.md)")
     p.add_argument("--force", action="store_true",
                    help="load an adapter whose recorded base model differs by name or shape (its tensors must "
                         "still fit)")
@@ -79,10 +83,10 @@ def load_model(a: argparse.Namespace):
     if a.adapter:
         load_adapter(model, a.adapter, tokenizer=tok, force=getattr(a, "force", False),
                      vision=getattr(a, "vision", None), skip_visual=getattr(a, "skip_visual", False))
-    if getattr(a, "compile", False):
-        from llama_adapter.model.fastpath import enable_compiled_decode
+    if getattr(a, "compile", False) or getattr(a, "eager", False):
+        from llama_adapter.model.fastpath import disable_compiled_decode, enable_compiled_decode
 
-        enable_compiled_decode(model)
+        enable_compiled_decode(model) if a.compile else disable_compiled_decode(model)
     return model, tok
 
 
@@ -206,7 +210,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         adapters[name] = path
     cfg = ServeConfig(model=a.model, adapters=adapters, experts=a.expert, host=a.host, port=a.port,
                       max_batch=a.max_batch, max_queue=a.max_queue, max_tokens=a.max_tokens, api_key=a.api_key,
-                      allow_remote_images=a.allow_remote_images, dtype=a.dtype, device=a.device, force=a.force)
+                      allow_remote_images=a.allow_remote_images, dtype=a.dtype, device=a.device, force=a.force,
+                      quantize=a.quantize)
     server = Server.load(cfg)
     # HTTP in a thread, decoding in the main thread (where PyTorch's CPU threads pay off: Scheduler.run)
     http = uvicorn.Server(uvicorn.Config(create_app(server, scheduler_thread=False), host=cfg.host, port=cfg.port,
@@ -513,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also read http(s) image URLs and local paths (default: data: URLs only)")
     sv.add_argument("--dtype", default=None, help="fp32 or bf16 (fp16 only on a GPU)")
     sv.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    sv.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                    help="pack the base model's linears to int8 or 4-bit weights (docs/quantization.md); V2 and "
+                         "LoRA adapters are then served unfolded")
     sv.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     sv.add_argument("--force", action="store_true", help="load adapters that name another base model")
     sv.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")

@@ -10,7 +10,7 @@ import torch
 
 from .batch import PreparedBatch
 from .model.attached import prepares_inputs
-from .model.fastpath import compiled_decode_of
+from .model.fastpath import default_decode
 from .model.fused import fuse_projections
 from .model.llama import LlamaLM
 from .model.tokenizer import Tokenizer
@@ -101,9 +101,9 @@ def generate_tokens(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequenc
                          f"(at least one position must stay free for the answer)")
     max_new = min(sampling.max_new_tokens, limit - batch.length)
     rows = batch.attention_mask.shape[0]
-    fast = compiled_decode_of(model)
+    fast = default_decode(model)
     size = _cache_length(batch.length + max_new, limit, fast is not None)
-    if fast is not None and not fast.usable(size):
+    if fast is not None and not fast.usable(size, rows):
         fast, size = None, batch.length + max_new
     cache = model.new_cache(rows, size)
     generator = None
@@ -130,8 +130,7 @@ def generate_tokens(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequenc
         past = cache.length
         key_valid[:, past] = True
         logits = fast.step(token, positions, cache, key_valid, batch.extras) if fast is not None else None
-        if logits is None:
-            fast = None
+        if logits is None:  # the eager step: no fast path, or its graph is not compiled yet
             logits = model(token[:, None], attention_mask=key_valid[:, :past + 1] if padded else None,
                            position_ids=positions[:, None] if padded else None, cache=cache,
                            extras=batch.extras, output_positions=(slice(None), -1))

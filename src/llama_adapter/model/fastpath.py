@@ -12,34 +12,54 @@ Adapted models decode through the same graph: after the prefill an adapter's con
 decode step is a function of constants (V1/V2 prompts' keys/values, cached at the prefill; LaVIN's
 routing weights, fixed by the modality token at the prefill; V2's scales and extra biases), so
 each hook hands its tensors over (`decode_terms`) and the graph computes the same terms. Layers
-without a term that others have get a neutral one (gate 0, routing weights 0, scale 1), which adds
+without a term that others have get a neutral one (gate 0, zero up-projections, scale 1), which adds
 exactly nothing, so one graph serves every group of blocks.
 
 The graph is used only while it computes exactly what the eager model computes
-(`why_not_compiled`): no low-rank update or quantized weight on a linear, no hook without
-`decode_terms`, no PyTorch module hooks, no gradient recording, and no sliding window the
-step could exceed. Anything else takes the eager path, so attaching anything after enabling
-is safe. Compilation happens on the first decode step (tens of seconds on a CPU; later
-processes reuse inductor's on-disk cache); a failure to compile disables the fast path for
-that model with a warning.
+(`why_not_compiled`): no low-rank update on a linear (packed int8/int4 weights run through
+PyTorch's own kernels in the graph), no hook without `decode_terms`, no PyTorch module hooks, no
+gradient recording, and no sliding window the step could exceed. Anything else takes the eager
+path, so attaching anything after enabling is safe. A failure to compile disables the fast path
+for that model with a warning.
+
+It is the default on a CPU at batch 1 (`default_decode`), where it was measured faster, and compiles
+in the background: a cold compile takes 20-40 s on a CPU, so a model's first generations decode
+eagerly while a worker process (model/compile_worker.py) compiles the graphs for their shapes into
+inductor's on-disk cache; at the next token after it finishes, the model compiles them from that
+cache (a second or two) and decodes on them. Later processes find the worker's note in the cache and
+compile from it at once. `enable_compiled_decode` instead compiles on the first step, in process,
+and waits for it (and serves any batch size); `disable_compiled_decode` (or
+LLAMA_ADAPTER_FAST_DECODE=0 for the whole process) keeps a model eager.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import warnings
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import IO, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import compile_worker
 from .attached import method_is_plain
 from .fused import has_module_hooks
 from .llama import BLOCK_LINEARS, AdaptableLinear, Block, KVCache, LlamaLM
 
 _ATTR = "_compiled_decode"
+# The default step serves batch 1 only: at batch 4 and more the eager path's matrix-matrix kernels were faster on
+# our CPUs (docs/benchmarks.md); enable_compiled_decode serves any batch.
+DEFAULT_MAX_ROWS = 1
+ENV_SWITCH = "LLAMA_ADAPTER_FAST_DECODE"  # "0" / "off" / "false": no default fast path in this process
 MAX_BLOCKS_PER_GRAPH = 10
 RECOMPILE_LIMIT = 256  # graphs per compiled function in one process (dynamo's default: 8)
+# The background compile's command (imported rather than run as __main__, so that the job's classes unpickle)
+WORKER = [sys.executable, "-c", f"import sys; from {compile_worker.__name__} import main; sys.exit(main())"]
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -65,10 +85,28 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def _packed(x: torch.Tensor, q: tuple[str, torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
+    """x @ W.T for a packed low-bit W (model/quantize.py's kinds and layouts), through PyTorch's kernels as
+    QuantizedWeight.matmul calls them: the input in the scales' dtype, the output back in x's."""
+    kind, packed, scales, group = q
+    x2 = x.to(scales.dtype)
+    if kind == "int8":
+        y = torch._weight_int8pack_mm(x2, packed, scales)
+    elif packed.device.type == "cuda":
+        y = torch._weight_int4pack_mm(x2, packed, group, scales)
+    else:
+        y = torch._weight_int4pack_mm_for_cpu(x2, packed, group, scales)
+    return y.to(x.dtype)
+
+
 def _linear(h: torch.Tensor, t: dict[str, Any], name: str, use_gemv: bool) -> torch.Tensor:
-    """The block's linear `name` with its optional extra bias and scale (an unfolded V2):
+    """The block's linear `name` (float or packed) with its optional extra bias and scale (an unfolded V2):
     scale * (W h + b + delta_bias), as AdaptableLinear computes it."""
-    y = (_gemv if use_gemv else F.linear)(h, t["w" + name], t["b" + name])
+    if t.get("q" + name) is not None:
+        y = _packed(h, t["q" + name])
+        y = y if t["b" + name] is None else y + t["b" + name]
+    else:
+        y = (_gemv if use_gemv else F.linear)(h, t["w" + name], t["b" + name])
     if t.get("db" + name) is not None:
         y = y + t["db" + name]
     if t.get("s" + name) is not None:
@@ -76,17 +114,26 @@ def _linear(h: torch.Tensor, t: dict[str, Any], name: str, use_gemv: bool) -> to
     return y
 
 
-def _routed_adapter(h: torch.Tensor, a: dict[str, Any]) -> torch.Tensor:
-    """LaVIN's MM-adapter with its routing weights fixed at prefill: h + s (w0 U0(D h) + w1 U1(D h))."""
-    hidden = F.linear(h.to(a["down_w"].dtype), a["down_w"], a["down_b"])
-    hg = hidden.unflatten(-1, (a["up0_w"].shape[0], -1))  # grouped up-projections (GroupedUp)
+def _routed_adapter(h: torch.Tensor, a: dict[str, Any], use_gemv: bool) -> torch.Tensor:
+    """LaVIN's MM-adapter with its routing weights fixed at prefill: h + s (w0 U0(D h) + w1 U1(D h)), with the
+    two up-projections mixed into one per row beforehand (`_mixed_up`). On a CPU both projections are written as
+    multiply-and-sum, which inductor fuses with the work around them instead of calling two small matmuls."""
+    x = h.to(a["down_w"].dtype)
+    hidden = _gemv(x, a["down_w"], a["down_b"]) if use_gemv else F.linear(x, a["down_w"], a["down_b"])
+    hg = hidden.unflatten(-1, (a["up_w"].shape[1], -1))  # grouped up-projection (GroupedUp), per row
+    up_w = a["up_w"].to(hidden.dtype)
+    up = (hg.unsqueeze(-2) * up_w).sum(-1) if use_gemv else torch.einsum("bgk,bgok->bgo", hg, up_w)
+    return h + (a["scale"] * (up.flatten(-2) + a["up_b"].to(hidden.dtype))).to(h.dtype)
 
-    def up(i: int) -> torch.Tensor:
-        w, b = a[f"up{i}_w"].to(hidden.dtype), a[f"up{i}_b"].to(hidden.dtype)
-        return torch.einsum("bgk,gok->bgo", hg, w).flatten(-2) + b
 
-    w = a["weights"].to(hidden.dtype)
-    return h + (a["scale"] * (w[:, 0:1] * up(0) + w[:, 1:2] * up(1))).to(h.dtype)
+def _mixed_up(terms: dict[str, Any]) -> dict[str, Any]:
+    """A routed adapter's decode terms with w0 U0 + w1 U1 (and w0 b0 + w1 b1) computed once per generation:
+    the routing weights [B, 2] are constants after the prefill."""
+    w = terms["weights"]
+    up_w = w[:, 0, None, None, None] * terms["up0_w"] + w[:, 1, None, None, None] * terms["up1_w"]
+    up_b = w[:, 0:1] * terms["up0_b"] + w[:, 1:2] * terms["up1_b"]
+    return {"down_w": terms["down_w"], "down_b": terms["down_b"], "up_w": up_w, "up_b": up_b,
+            "scale": terms["scale"]}
 
 
 def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, write_at: torch.Tensor,
@@ -104,7 +151,7 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
     G, d = cache_k.shape[1], cache_k.shape[3]
     h = _rms(x, t["norm1"], eps[0])
     if "attn_adapter" in t:
-        h = _routed_adapter(h, t["attn_adapter"])
+        h = _routed_adapter(h, t["attn_adapter"], use_gemv)
     q = _linear(h, t, "q_proj", use_gemv).view(B, n_heads, d)
     k = _linear(h, t, "k_proj", use_gemv).view(B, G, d)
     v = _linear(h, t, "v_proj", use_gemv).view(B, G, d)
@@ -124,7 +171,7 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
     x = x + _linear(out.reshape(B, n_heads * d), t, "o_proj", use_gemv)
     h = _rms(x, t["norm2"], eps[1])
     if "ffn_adapter" in t:
-        h = _routed_adapter(h, t["ffn_adapter"])
+        h = _routed_adapter(h, t["ffn_adapter"], use_gemv)
     gate_up = F.silu(_linear(h, t, "gate_proj", use_gemv)) * _linear(h, t, "up_proj", use_gemv)
     return x + _linear(gate_up, t, "down_proj", use_gemv)
 
@@ -151,6 +198,8 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
         for name in names:
             lin = getattr(getattr(layer, part), name)
             t["w" + name], t["b" + name] = lin.weight, lin.bias
+            if isinstance(lin, AdaptableLinear) and lin.quantized is not None:
+                t["q" + name] = packed_terms(lin.quantized)
             if isinstance(lin, AdaptableLinear):
                 t["db" + name], t["s" + name] = lin.delta_bias, lin.scale
     attn = layer.self_attn
@@ -161,13 +210,25 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
     for slot in ("attn_adapter", "ffn_adapter"):
         adapter = getattr(layer, slot)
         if adapter is not None:
-            t[slot] = cast(Any, adapter).decode_terms(cache, rows)
+            t[slot] = _mixed_up(cast(Any, adapter).decode_terms(cache, rows))
     return t
+
+
+def packed_terms(qw: Any) -> tuple[str, torch.Tensor, torch.Tensor, int]:
+    """What `_packed` reads of a QuantizedWeight: its kind, packed weight, scales (in the kernels' dtype) and
+    int4 group size."""
+    return qw.kind, qw.packed, qw._scales(), qw.group_size
+
+
+def head_terms(model: LlamaLM) -> tuple | None:
+    """The packed table of a quantized output head, or None for a float one."""
+    table = getattr(model.lm_head, "table", None)
+    return None if table is None else packed_terms(table)
 
 
 def _uniform(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Give every layer the same entries, so that one graph serves every group of blocks: where a layer
-    lacks a term that another has, a neutral one (a prefix with gate 0, an adapter with routing weights 0,
+    lacks a term that another has, a neutral one (a prefix with gate 0, an adapter with zero up-projections,
     scale 1, extra bias 0), which adds exactly nothing."""
     def like(name: str) -> Any:
         return next(t[name] for t in layers if t.get(name) is not None)
@@ -197,8 +258,10 @@ HEAD_ROWS_PER_PIECE = 12288
 
 
 def _head_step(x: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor, b: torch.Tensor | None,
-               use_gemv: bool) -> torch.Tensor:
+               use_gemv: bool, q: tuple | None = None) -> torch.Tensor:
     h = _rms(x, norm, eps)
+    if q is not None:  # an int8 head (model/quantize.py)
+        return _packed(h, q)
     if not use_gemv:
         return F.linear(h, w, b)
     pieces = w.split(HEAD_ROWS_PER_PIECE)
@@ -231,8 +294,8 @@ def why_not_compiled(model: LlamaLM) -> str | None:
 
     Adapters are fine when each of their hooks gives its decode tensors (`decode_terms`: V1/V2 gated
     prefixes, LaVIN's routed adapters), and the linears' scales and extra biases (an unfolded V2) are
-    read directly; a low-rank update, a quantized weight, a hook of another kind or a PyTorch module hook
-    keeps the eager path."""
+    read directly, and packed low-bit weights go through PyTorch's kernels in the graph; a low-rank update, a
+    hook of another kind or a PyTorch module hook keeps the eager path."""
     for i, layer in enumerate(model.layers):
         block = cast(Block, layer)
         hooks = [block.self_attn.prefix, block.attn_adapter, block.ffn_adapter]
@@ -241,8 +304,8 @@ def why_not_compiled(model: LlamaLM) -> str | None:
     for name, m in model.named_modules():
         if has_module_hooks(m):
             return f"{name or 'the model'} has a PyTorch module hook"
-        if isinstance(m, AdaptableLinear) and (m.lora is not None or m.quantized is not None):
-            return f"{name} has a low-rank update or a quantized weight"
+        if isinstance(m, AdaptableLinear) and m.lora is not None:
+            return f"{name} has a low-rank update"
     from torch.nn.modules import module as _module  # global hooks registered with register_module_forward_hook
 
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
@@ -253,8 +316,11 @@ def why_not_compiled(model: LlamaLM) -> str | None:
 class CompiledDecode:
     """The compiled decode step of one model, and the checks that decide when it may run."""
 
-    def __init__(self, model: LlamaLM, use_gemv: bool | None = None):
+    def __init__(self, model: LlamaLM, use_gemv: bool | None = None, background: bool = False,
+                 max_rows: int | None = None):
         self.model = model
+        self.background = background  # compile in another process while the caller decodes eagerly
+        self.max_rows = max_rows  # larger batches decode eagerly
         dev = model.device
         # CPU: the explicit reduction beats the BLAS GEMV in bf16; elsewhere keep the vendor GEMM.
         self.use_gemv = (dev.type == "cpu") if use_gemv is None else use_gemv
@@ -268,12 +334,17 @@ class CompiledDecode:
         self._blocks = torch.compile(_group_step, dynamic=False, fullgraph=True)
         self._head = torch.compile(_head_step, dynamic=False, fullgraph=True)
         self.compiled_steps = 0
-        self._tensors: tuple[KVCache, list] | None = None  # per-layer inputs, built once per generation
+        self._tensors: tuple[KVCache, list, tuple] | None = None  # per-layer inputs (and their shapes), per generation
+        self._ready: set[tuple] = set()  # input shapes with a compiled graph (background mode)
+        self._worker: tuple[tuple, subprocess.Popen, IO[bytes]] | None = None  # shapes, process, its stderr
 
-    def usable(self, cache_len: int) -> bool:
-        """Whether the graph computes what the eager model would for a cache of `cache_len`."""
+    def usable(self, cache_len: int, rows: int = 1) -> bool:
+        """Whether the graph computes what the eager model would for `rows` sequences and a cache of `cache_len`
+        (and, for the default step, whether it is faster there: batch 1)."""
         m = self.model
         if self.failed is not None or torch.is_grad_enabled():
+            return False
+        if self.max_rows is not None and rows > self.max_rows:
             return False
         window = m.config.sliding_window
         if window is not None and cache_len > window:
@@ -283,54 +354,168 @@ class CompiledDecode:
     def step(self, token: torch.Tensor, positions: torch.Tensor, cache: KVCache,
              key_valid: torch.Tensor, extras: dict[str, Any] | None = None) -> torch.Tensor | None:
         """Logits [B, V] for `token` [B] at `positions` [B], after the prefill filled `cache` (and the
-        adapters' per-generation state in it) with the method inputs `extras`; None if compiling failed
-        (then use eager)."""
+        adapters' per-generation state in it) with the method inputs `extras`; None when this step must run
+        eagerly (compiling failed, or, in background mode, the graph for these shapes is not ready yet)."""
+        if self.failed is not None:
+            return None
         m = self.model
         cos_table, sin_table = m.rotary.table(cache.max_len, token.device)  # no device sync for the max
         cos, sin = cos_table[positions, None].to(m.dtype), sin_table[positions, None].to(m.dtype)  # [B, 1, d]
         write_at = torch.tensor([cache.length], device=token.device)
         bias = torch.zeros(key_valid.shape, dtype=torch.float32, device=token.device)
         bias = bias.masked_fill_(~key_valid, torch.finfo(torch.float32).min)[:, None, None, :]
+        x = m.embed_tokens(token)  # a float table, or an int8 one (model/quantize.py)
+        if self._tensors is None or self._tensors[0] is not cache:
+            rows = token.shape[0]
+            tensors = _uniform([_block_tensors(cast(Block, b), cache, i, extras or {}, rows)
+                                for i, b in enumerate(m.layers)])
+            self._tensors = (cache, tensors, _shapes(x, tensors))
+        _, tensors, shapes = self._tensors
+        if self.background and shapes not in self._ready:
+            if not self._compiled_elsewhere(shapes, (x, cos, sin, bias, write_at), tensors):
+                return None
+            self._ready.add(shapes)  # the call below compiles from the worker's cache entries
         try:
-            x = F.embedding(token, m.embed_tokens.weight)
-            if self._tensors is None or self._tensors[0] is not cache:
-                blocks = [cast(Block, layer) for layer in m.layers]
-                rows = token.shape[0]
-                self._tensors = (cache, _uniform([_block_tensors(b, cache, i, extras or {}, rows)
-                                                  for i, b in enumerate(blocks)]))
-            tensors = self._tensors[1]
-            first = cast(Block, m.layers[0])
-            eps = (first.input_layernorm.eps, first.post_attention_layernorm.eps)
-            # Every model, batch size, cache length and adapter layout is a graph of the same two functions, and
-            # dynamo's default limit of 8 graphs per function is soon reached by a process holding several
-            # (a server, a test run): the limit is raised for these calls only.
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                for g in range(0, len(tensors), self.group):
-                    x = self._blocks(x, cos, sin, bias, write_at, m.config.n_heads, eps, self.use_gemv,
-                                     tensors[g:g + self.group])
-                logits = self._head(x, m.norm.weight, m.norm.eps, m.lm_head.weight, m.lm_head.bias,
-                                    self.use_gemv)
+            logits = self._run(x, cos, sin, bias, write_at, tensors)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: fall back to eager
-            self.failed = f"{type(e).__name__}: {e}"
-            warnings.warn(f"compiled decoding failed, using the eager path: {self.failed}", stacklevel=2)
+            self._fail(e)
             return None
         cache.length += 1
         self.compiled_steps += 1
         return logits
 
+    def _block_args(self) -> tuple[int, tuple[float, float], bool]:
+        """The arguments of `_group_step` after the step's tensors and before the layers'."""
+        m = self.model
+        first = cast(Block, m.layers[0])
+        return m.config.n_heads, (first.input_layernorm.eps, first.post_attention_layernorm.eps), self.use_gemv
+
+    def _head_args(self) -> tuple:
+        """The arguments of `_head_step` after the hidden state."""
+        m = self.model
+        return m.norm.weight, m.norm.eps, m.lm_head.weight, m.lm_head.bias, self.use_gemv, head_terms(m)
+
+    def _run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+             write_at: torch.Tensor, tensors: list[dict[str, Any]]) -> torch.Tensor:
+        # Every model, batch size, cache length and adapter layout is a graph of the same two functions, and
+        # dynamo's default limit of 8 graphs per function is soon reached by a process holding several
+        # (a server, a test run): the limit is raised for these calls only.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            for g in range(0, len(tensors), self.group):
+                x = self._blocks(x, cos, sin, bias, write_at, *self._block_args(), tensors[g:g + self.group])
+            return self._head(x, *self._head_args())
+
+    def _fail(self, e: Exception) -> None:
+        self.failed = f"{type(e).__name__}: {e}"
+        warnings.warn(f"compiled decoding failed, using the eager path: {self.failed}", stacklevel=3)
+
+    def _compiled_elsewhere(self, shapes: tuple, inputs: tuple, tensors: list[dict[str, Any]]) -> bool:
+        """Whether a worker process has compiled the graphs for these shapes into inductor's on-disk cache (in
+        this process or an earlier one: it leaves a marker there); starts one (one at a time) if none is running
+        (model/compile_worker.py says why a process)."""
+        marker = compile_worker.marker(repr((shapes, self.use_gemv, self.group)))
+        if marker.exists():
+            return True
+        if self._worker is None:
+            calls = {"_group_step": (*inputs, *self._block_args(), tensors[:self.group]),
+                     "_head_step": (inputs[0], *self._head_args())}
+            try:
+                job = compile_worker.spec(calls, torch.get_num_threads(), marker)
+                log: IO[bytes] = tempfile.TemporaryFile()
+                proc = subprocess.Popen(WORKER, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+                cast(IO[bytes], proc.stdin).write(job)
+                cast(IO[bytes], proc.stdin).close()
+            except (OSError, ValueError) as e:
+                self._fail(e)
+                return False
+            self._worker = (shapes, proc, log)
+        done, proc, log = self._worker
+        if proc.poll() is None:
+            return False
+        self._worker = None
+        with log:
+            if proc.returncode != 0:
+                log.seek(0)
+                lines = log.read().decode(errors="replace").strip().splitlines()
+                self._fail(RuntimeError(lines[-1] if lines else f"the compile worker exited with {proc.returncode}"))
+                return False
+        return done == shapes or marker.exists()  # else it compiled another generation's shapes: ours next
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a background compile to finish; True when none is running any more."""
+        if self._worker is not None:
+            try:
+                self._worker[1].wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+        return True
+
+    def __deepcopy__(self, memo: dict) -> _CopiedChoice:
+        """A copied model gets a step of its own, made when first asked for (worker processes and compiled
+        wrappers are not copied, and the copy is not built yet while its attributes are being copied)."""
+        return _CopiedChoice(self.use_gemv, self.background, self.max_rows)
+
+
+@dataclass(frozen=True)
+class _CopiedChoice:
+    """What a deep copy of a model keeps of its compiled step: the choices, not the state."""
+
+    use_gemv: bool
+    background: bool
+    max_rows: int | None
+
+
+def _shapes(x: torch.Tensor, tensors: list[dict[str, Any]]) -> tuple:
+    """What the graphs are specialised on: the shapes and dtypes of every input (one entry per distinct
+    layer), so that a graph compiled for one generation is known to serve another."""
+    def describe(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return tuple(v.shape), v.dtype, v.device.type
+        if isinstance(v, dict):
+            return tuple(sorted((k, describe(u)) for k, u in v.items()))
+        if isinstance(v, (tuple, list)):
+            return tuple(describe(u) for u in v)
+        return v if v is None or isinstance(v, (bool, int, float, str)) else type(v).__name__
+    return describe(x), tuple(dict.fromkeys(describe(t) for t in tensors))
+
 
 def enable_compiled_decode(model: LlamaLM, use_gemv: bool | None = None) -> CompiledDecode:
-    """Opt in: let `generate_tokens` decode through a compiled graph when the model is plain."""
+    """Decode through the compiled graph, compiling on the first step and waiting for it (benchmarks, or a
+    server that would rather wait once than decode eagerly at first)."""
     state = CompiledDecode(model, use_gemv)
     setattr(model, _ATTR, state)
     return state
 
 
 def disable_compiled_decode(model: LlamaLM) -> None:
-    """Opt out again: decoding takes the eager path."""
-    if hasattr(model, _ATTR):
-        delattr(model, _ATTR)
+    """Keep this model on the eager path, the default included."""
+    setattr(model, _ATTR, None)
 
 
 def compiled_decode_of(model: LlamaLM) -> CompiledDecode | None:
-    return getattr(model, _ATTR, None)
+    """The model's compiled step, if one was enabled or made by default."""
+    state = getattr(model, _ATTR, None)
+    if isinstance(state, _CopiedChoice):  # a deep copy of a model that had one
+        state = CompiledDecode(model, state.use_gemv, state.background, state.max_rows)
+        setattr(model, _ATTR, state)
+    return state
+
+
+def fast_by_default(model: LlamaLM) -> bool:
+    """Where the compiled step is the default: on a CPU, where it was measured faster (docs/benchmarks.md),
+    unless LLAMA_ADAPTER_FAST_DECODE=0. Elsewhere it is opt-in until measured there."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    return model.device.type == "cpu"
+
+
+def default_decode(model: LlamaLM) -> CompiledDecode | None:
+    """The decode step `generate` uses: the one enabled (or disabled) for this model, else by default a
+    background-compiled one where `fast_by_default`."""
+    if hasattr(model, _ATTR):
+        return compiled_decode_of(model)
+    if not fast_by_default(model):
+        return None
+    state = CompiledDecode(model, background=True, max_rows=DEFAULT_MAX_ROWS)
+    setattr(model, _ATTR, state)
+    return state
