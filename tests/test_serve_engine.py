@@ -163,6 +163,54 @@ def test_the_server_loads_v2_folded_or_in_its_own_batch_and_images_reach_v1(base
                                      max_new_tokens=12)[0], name
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_quantized_base_serves_v1_shared_and_v2_unfolded(base, tiny_folder, tmp_path, kind):
+    """Issue 38's `serve --quantize`: V1 shares the packed base's batch; V2 cannot be folded into packed weights,
+    so it decodes unfolded in a batch of its own; each answers as `la.generate` on a quantized base with the
+    adapter loaded."""
+    import asyncio
+
+    from llama_adapter.generate import Sampling
+    from llama_adapter.model.quantize import quantization_of
+    from llama_adapter.serve import Server
+    from llama_adapter.serve.scheduler import Job
+
+    model, tok = base
+    _saved(model, la.AdapterV1Config(prompt_len=3, n_layers=2), tok, tmp_path / "v1", 1)
+    _saved(model, la.AdapterV2Config(), tok, tmp_path / "v2", 3)
+    server = Server.load(ServeConfig(model=str(tiny_folder), quantize=kind,
+                                     adapters={k: str(tmp_path / k) for k in ("v1", "v2")}))
+    s = server.served
+    assert quantization_of(server.base) == kind
+    assert s["v1"].batch == "shared" and (s["v2"].batch, s["v2"].folded) == ("v2", False)
+    requests = [("v1", "hello"), ("v2", "a red circle"), ("base", "yes"), ("v1", "the quick brown fox")]
+
+    async def run(name, text):
+        job = Job(s[name], _ids(tok, text), Sampling(max_new_tokens=12), None)
+        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
+        server.scheduler.submit(job)
+        out = ""
+        while (event := await job.events.get())[0] == "text":
+            out += event[1]
+        return out
+
+    async def all_at_once():
+        return await asyncio.gather(*[run(*r) for r in requests])
+
+    server.scheduler.start()
+    try:
+        got = asyncio.run(all_at_once())
+    finally:
+        server.scheduler.stop()
+    for (name, text), answer in zip(requests, got):
+        ref, _ = la.load_pretrained(tiny_folder, quantize=kind)
+        if name != "base":
+            la.load_adapter(ref, tmp_path / name, tokenizer=tok)
+        assert answer == la.generate(ref, tok, text, chat=True, max_new_tokens=12)[0], name
+    with pytest.raises(ValueError, match="int8, int4"):
+        ServeConfig(quantize="int2")
+
+
 def test_prompt_layouts(tiny):
     _, tok = tiny
     chat = [("user", "hello")]

@@ -58,9 +58,14 @@ class AdaptableLinear(nn.Linear):
         self.quantized: nn.Module | None = None
 
     @property
+    def adapted(self) -> bool:
+        """An adapter changes this linear (a scale, an extra bias or a low-rank update)."""
+        return self.scale is not None or self.delta_bias is not None or self.lora is not None
+
+    @property
     def plain(self) -> bool:
         """No scale, extra bias, low-rank update or quantized weight: exactly the frozen nn.Linear."""
-        return self.scale is None and self.delta_bias is None and self.lora is None and self.quantized is None
+        return not self.adapted and self.quantized is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x, self.bias)

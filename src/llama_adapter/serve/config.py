@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..model.load import DEFAULT_MODEL
+from ..model.quantize import check_quantize
 
 API_KEY_ENV = "LLAMA_ADAPTER_API_KEY"
 
@@ -30,6 +31,7 @@ class ServeConfig:
     max_images: int = 1  # images per request (each method reads one image per example)
     dtype: str | None = None
     device: str | None = None
+    quantize: str | None = None  # int8 or int4: the frozen base's linears packed (docs/quantization.md)
     force: bool = False  # load adapters that name another base model (their tensors must still fit)
 
     def __post_init__(self) -> None:
@@ -40,6 +42,7 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0 or self.max_images < 0:
             raise ValueError("max_queue and max_images must be >= 0")
+        self.quantize = check_quantize(self.quantize)
         reserved = {"base"} & set(self.adapters)
         if reserved:
             raise ValueError("'base' names the bare base model; give the adapter another name")

@@ -36,8 +36,9 @@ GROUPS = "serve_row_groups"  # extras of the shared batch: the row groups the di
 
 def shares_base(model: LlamaLM) -> bool:
     """Whether the adapter on `model` acts only through the hooks (prefix, attn/ffn adapters) and leaves
-    every frozen linear exactly the base's: then its rows can share a forward pass with other adapters."""
-    return all(m.plain and not has_module_hooks(m) for m in model.modules() if isinstance(m, AdaptableLinear))
+    every frozen linear exactly the base's (packed or not): then its rows can share a forward pass with other
+    adapters."""
+    return all(not m.adapted and not has_module_hooks(m) for m in model.modules() if isinstance(m, AdaptableLinear))
 
 
 @dataclass

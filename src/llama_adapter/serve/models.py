@@ -46,7 +46,7 @@ class ServedModel:
     adapter_bytes: int = 0  # the weights it adds to the server (a folded copy: the whole copy)
 
 
-def _load_one(base: LlamaLM, tok: Tokenizer, name: str, path: str, force: bool) -> ServedModel:
+def _load_one(base: LlamaLM, tok: Tokenizer, name: str, path: str, force: bool, quantized: bool) -> ServedModel:
     model = weight_sharing_copy(base)
     load_adapter(model, path, tokenizer=tok, force=force)
     reshare_unchanged(base, model)
@@ -58,7 +58,8 @@ def _load_one(base: LlamaLM, tok: Tokenizer, name: str, path: str, force: bool) 
     if shares_base(model):
         return served
     served.batch = name
-    if not served.images:  # fold into a copy of its own (base weights included): the base's decode speed
+    if not served.images and not quantized:  # fold into a copy of its own (base weights included): the base's
+        # decode speed; packed weights cannot take the fold, so on a quantized base it stays unfolded
         model = fold(copy.deepcopy(model))
         fuse_projections(model)
         served.model, served.folded = model, True
@@ -87,7 +88,7 @@ def count_added_bytes(base: LlamaLM, served: dict[str, ServedModel]) -> None:
 
 def load_models(cfg: ServeConfig) -> tuple[LlamaLM, Tokenizer, dict[str, ServedModel]]:
     """The base and every adapter of the config, by served name ("base" and the base's folder name for the base)."""
-    base, tok = load_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device or "auto")
+    base, tok = load_pretrained(cfg.model, dtype=cfg.dtype, device=cfg.device or "auto", quantize=cfg.quantize)
     fuse_projections(base)  # before copying: the copies share the fused tensors
     bare = ServedModel(BASE, weight_sharing_copy(base), None, False, PromptLayout(), SHARED)
     served = {BASE: bare}
@@ -95,7 +96,7 @@ def load_models(cfg: ServeConfig) -> tuple[LlamaLM, Tokenizer, dict[str, ServedM
         if not Path(path).expanduser().exists():
             raise FileNotFoundError(f"adapter {name!r}: {path} does not exist")
         try:
-            served[name] = _load_one(base, tok, name, path, cfg.force)
+            served[name] = _load_one(base, tok, name, path, cfg.force, cfg.quantize is not None)
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"adapter {name!r} ({path}): {e}") from e
     share_encoders(served)
