@@ -42,6 +42,9 @@ class TrainConfig:
     # under torchrun: "fsdp" shards the frozen base's decoder blocks across the ranks (FSDP2); "none" replicates it
     shard: str = "none"
     activation_checkpointing: bool = False  # recompute each decoder block in backward: less memory, ~1/3 more compute
+    # torch.compile the decoder blocks' forward and backward in training steps (train/compiled.py); the first
+    # step waits for the graphs; a failure to compile warns and trains eagerly
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -51,6 +54,8 @@ class TrainConfig:
             raise ValueError(f"base_dtype must be one of {BASE_DTYPES}, got {self.base_dtype!r}")
         if self.shard not in SHARDING:
             raise ValueError(f"shard must be one of {SHARDING}, got {self.shard!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
         for name in ("batch_size", "grad_accum", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -6,10 +6,12 @@ one data kind, and only the parameter groups that kind trains get gradients and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,11 @@ from .checkpoint import (
     check_same_data,
     data_fingerprint,
     resumable_checkpoint,
+    rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from .compiled import CompiledBlocks, compile_unsupported
 from .config import TrainConfig
 from .distributed import Dist, all_sum, barrier, init_from_env, shard_frozen_base, sum_gradients
 from .faults import (
@@ -124,6 +128,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.params = self.adapter.trainable_parameters(model)
         self._place_model()
+        self.compiled = self._compiled_blocks()
         self.mix = self._mix()
         self.data_ids = {k: data_fingerprint(v) for k, v in self.train_sets.items()}
         self.samplers = {k: BatchSampler(len(v), cfg.batch_size, cfg.seed + i, self.dist)
@@ -158,6 +163,16 @@ class Trainer:
         if self.cfg.shard == "fsdp":  # the frozen block weights only; the rest stays replicated
             outside_blocks = {p for n, p in self.model.named_parameters() if not n.startswith("layers.")}
             shard_frozen_base(self.model.layers, self.model, set(self.params.values()) | outside_blocks, self.dist)
+
+    def _compiled_blocks(self) -> CompiledBlocks | None:
+        """train.compile: the decoder blocks' compiled forward (and backward) for training steps."""
+        if not self.cfg.compile:
+            return None
+        why_not = compile_unsupported(self.cfg.shard)
+        if why_not is not None:
+            warnings.warn(f"train.compile is ignored {why_not}; training eagerly", RuntimeWarning, stacklevel=3)
+            return None
+        return CompiledBlocks(self.model)
 
     def _mix(self) -> dict[str, float]:
         kinds = sorted(self.train_sets)
@@ -243,12 +258,7 @@ class Trainer:
         self.model.train()
         batches = [self._batch(kind) for _ in range(cfg.grad_accum)]
         (label_tokens,) = all_sum([float(sum(b.n_label_tokens for b in batches))], self.dist, self.device)
-        loss_total = 0.0
-        for b in batches:
-            with autocast(self.device, self.amp_dtype):
-                loss = self.loss_fn(self.model, b)
-            (loss / label_tokens).backward()
-            loss_total += float(loss.detach())
+        loss_total = self._forward_backward(batches, label_tokens)
         params = [self.params[n] for n in active]
         sum_gradients(params, self.dist)
         (loss_sum,) = all_sum([loss_total], self.dist, self.device)  # a non-finite loss on any rank shows in the sum
@@ -274,6 +284,36 @@ class Trainer:
                     "bad_steps": self.bad_steps, "lr": lr, "tokens": tokens, "label_tokens": int(label_tokens)}
         return {"step": self.step, "kind": kind, "loss": loss_sum / label_tokens, "lr": lr, "tokens": tokens,
                 "label_tokens": int(label_tokens)}
+
+    def _forward_backward(self, batches: list[Batch], label_tokens: float) -> float:
+        """Gradients of the step's micro-batches (summed loss / label tokens) in the parameters; their summed loss."""
+        compiled = self.compiled
+        if compiled is None or not compiled.enabled:
+            return self._accumulate(batches, label_tokens, contextlib.nullcontext)
+        if compiled.compile_seconds is None and self.dist.main and self.cfg.progress:
+            print("train.compile: compiling the decoder blocks on the first step (forward and backward; tens of "
+                  "seconds on a CPU)", flush=True)
+        rng = rng_state()  # a failed compile redoes the step eagerly, with the same random draws
+        try:
+            with compiled.step():
+                return self._accumulate(batches, label_tokens, compiled.active)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: fall back to eager
+            error = e
+        self.optimizer.zero_grad(set_to_none=True)
+        set_rng_state(rng)
+        loss_total = self._accumulate(batches, label_tokens, contextlib.nullcontext)  # an error of its own: raised
+        compiled.fail(error)  # the step runs eagerly, so compiling was what failed
+        return loss_total
+
+    def _accumulate(self, batches: list[Batch], label_tokens: float,
+                    blocks: Callable[[], contextlib.AbstractContextManager[Any]]) -> float:
+        loss_total = 0.0
+        for b in batches:
+            with autocast(self.device, self.amp_dtype), blocks():
+                loss = self.loss_fn(self.model, b)
+            (loss / label_tokens).backward()
+            loss_total += float(loss.detach())
+        return loss_total
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

@@ -1,0 +1,106 @@
+"""`train.compile`: the training step's decoder blocks through `torch.compile` (forward and backward).
+
+What is compiled: each decoder block's forward, one function shared by every block (regional
+compilation). Dynamo takes a block's weights as inputs of the graph, so all blocks of one layout
+(SmolLM2 with V1 in the top 28 layers: a block with a prompt and one without) run the same graphs,
+and AOTAutograd compiles the matching backward graph; inductor fuses the elementwise work between
+the matmuls (norms, rotary, gates, SiLU, residuals, their casts under bf16 autocast) in both.
+Compiling a few block graphs takes a fraction of what one graph of the whole model would, and
+nothing outside the blocks is traced: the embedding, the rotary table (a cache that grows), the
+selection of labelled positions (a data-dependent shape) and the output head with the loss stay
+eager, as does the optimizer step. Dropout (LaVIN's adapters) draws its masks from the eager random
+generator (inductor's `fallback_random`), so a compiled step computes what the eager one does, up to the
+rounding of fused arithmetic: equal losses in fp32, within about 1e-3 under bf16 autocast.
+
+The model is not wrapped: while a training forward runs, each block's `forward` is shadowed by an
+instance attribute that calls the compiled function, and the attribute is removed afterwards, so
+parameter and state-dict names, checkpoints, evaluation (eager, under no_grad) and generation are
+untouched. Which parameters train stays the trainer's business (the frozen base gets no gradient).
+
+Graphs are made on first use: the first step waits for them (tens of seconds on a CPU; inductor's
+on-disk cache makes later processes faster), and a batch of a new length compiles once more with
+that dimension dynamic (dynamo's automatic dynamic shapes). Any failure to compile makes the
+trainer warn once and redo that step eagerly, then stay eager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..model.llama import Block, LlamaLM
+
+# graphs per compiled function in one process: block layouts x gradient needs x static/dynamic lengths x
+# data kinds, and every model a process trains (dynamo's default limit is 8, after which it runs eagerly)
+RECOMPILE_LIMIT = 256
+
+
+def _block_forward(block: Block, *args: Any) -> torch.Tensor:
+    """The eager block forward (activation checkpointing included), as the function that gets compiled."""
+    return Block.forward(block, *args)
+
+
+class CompiledBlocks:
+    """The compiled block forward of one model, installed only around training forwards (`active`)."""
+
+    def __init__(self, model: LlamaLM):
+        self.model = model
+        self.failed: str | None = None  # why compiling failed; then everything runs eagerly
+        self.compile_seconds: float | None = None  # the first compiled step's forward + backward, compiling included
+        self._fn = torch.compile(_block_forward)
+
+    @property
+    def enabled(self) -> bool:
+        return self.failed is None
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """Around a training step's forward and backward (the backward graph compiles in the backward): the
+        compiler's settings, and the time of the first step (the one that waits for the graphs)."""
+        import torch._inductor.config  # noqa: F401 - not imported by `import torch`
+
+        first = self.compile_seconds is None
+        t0 = time.perf_counter()
+        # fallback_random: dropout (LaVIN's adapters) draws its masks with the eager random generator, so a
+        # compiled step draws what the eager one would (inductor's own generator would draw others)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), \
+                torch._inductor.config.patch(fallback_random=True):
+            yield
+        if first and self.failed is None:
+            self.compile_seconds = time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Blocks called in this context (a training forward) run the compiled function."""
+        if self.failed is not None:
+            yield
+            return
+        blocks = [m for m in self.model.layers if isinstance(m, Block)]
+        for b in blocks:  # an instance attribute, not a module or tensor: state_dict does not see it
+            b.__dict__["forward"] = functools.partial(self._fn, b)
+        try:
+            yield
+        finally:
+            for b in blocks:
+                b.__dict__.pop("forward", None)
+
+    def fail(self, error: BaseException) -> None:
+        """Give up compiling for this model (warn once); the caller redoes the step eagerly."""
+        self.failed = f"{type(error).__name__}: {error}".strip()
+        if len(self.failed) > 2000:
+            self.failed = self.failed[:2000] + " ..."
+        warnings.warn(f"train.compile: compiling the training step failed, training eagerly instead "
+                      f"({self.failed})", RuntimeWarning, stacklevel=3)
+
+
+def compile_unsupported(shard: str) -> str | None:
+    """Why train.compile cannot be used with these settings, or None."""
+    if shard == "fsdp":
+        return "not with train.shard=fsdp (its hooks gather each block's weights around the block's forward)"
+    return None

@@ -1,0 +1,228 @@
+"""train.compile: the compiled training step learns what the eager one does, saves the same adapter, and a
+failure to compile falls back to eager; the option is validated."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny_folder
+from PIL import Image
+from safetensors.torch import load_file
+from torch._dynamo.utils import counters
+
+import llama_adapter as la
+from llama_adapter.batch import IGNORE, Example
+from llama_adapter.data.multimodal import MultimodalExample, collate_multimodal
+from llama_adapter.recipe import load_recipe
+from llama_adapter.train import TrainConfig, Trainer
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_folder(tmp_path_factory.mktemp("compile") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    """One block with a prompt: one forward and one backward graph, so that compiling stays short (several
+    block layouts sharing graphs: the slow test below)."""
+    return save_tiny_folder(tmp_path_factory.mktemp("compile1") / "tiny", num_hidden_layers=1)
+
+
+def fixed_length_examples(n: int = 8, length: int = 24, seed: int = 0) -> list[Example]:
+    """Rows of one length, so that every batch has the same shape (one graph per block layout)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, 400, (length,), generator=g).tolist()
+        prompt = 8 + i % 5
+        out.append(Example(ids, [IGNORE] * prompt + ids[prompt:], f"row{i}"))
+    return out
+
+
+def train(folder, out_dir, compile: bool, data, n_layers: int = 4, **kw):
+    torch.manual_seed(0)
+    model, _ = la.load_pretrained(folder)
+    la.attach(model, la.AdapterV1Config(prompt_len=4, n_layers=n_layers))
+    with torch.no_grad():  # open the zero-initialised gates, so that the prompts act from the first step
+        for n, p in la.trainable_parameters(model).items():
+            if n.endswith("gate"):
+                p.fill_(0.5)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    settings = dict(max_steps=STEPS, batch_size=4, lr=1e-2, warmup_steps=0, progress=False, seed=0) | kw
+    cfg = TrainConfig(out_dir=str(out_dir), compile=compile, **settings)
+    trainer = Trainer(model, cfg, {"instruction": data}, pad_id=0)
+    trainer.fit()
+    losses = [r["loss"] for r in trainer.log.records() if "loss" in r]
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"{n} moved"
+    return trainer, losses, {n: p.detach().clone() for n, p in la.trainable_parameters(model).items()}
+
+
+def test_compiled_step_matches_eager_and_saves_the_same_adapter(one_layer, tmp_path):
+    folder = one_layer
+    torch._dynamo.reset()
+    data = fixed_length_examples()
+    _, eager_losses, eager_weights = train(folder, tmp_path / "eager", False, data, n_layers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn: the test must compile
+        trainer, losses, weights = train(folder, tmp_path / "compiled", True, data, n_layers=1)
+    assert trainer.compiled is not None and trainer.compiled.enabled and trainer.compiled.compile_seconds
+    assert len(losses) == STEPS
+    assert losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)
+    assert weights.keys() == eager_weights.keys()
+    for n, w in weights.items():
+        torch.testing.assert_close(w, eager_weights[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert max(abs(a - b) for a, b in zip(losses, losses[1:])) > 0  # it trained
+
+    # the adapter and the checkpoint hold the same tensor names; the adapter loads into a fresh model
+    saved = load_file(tmp_path / "compiled" / "adapter_model.safetensors")
+    assert saved.keys() == load_file(tmp_path / "eager" / "adapter_model.safetensors").keys()
+    last = tmp_path / "compiled" / f"checkpoint-{STEPS:07d}" / "adapter_model.safetensors"
+    assert load_file(last).keys() == saved.keys()
+    model, _ = la.load_pretrained(folder)
+    la.load_adapter(model, tmp_path / "compiled")
+    for n, p in la.trainable_parameters(model).items():
+        torch.testing.assert_close(p.detach(), weights[n], rtol=0, atol=0, msg=n)
+    # blocks are left as they were: nothing shadows their forward after training
+    assert all("forward" not in vars(b) for b in trainer.model.layers)
+
+
+@pytest.mark.slow
+def test_compiled_step_with_varying_lengths_bf16_and_checkpointing(folder, tmp_path):
+    """Blocks with and without a prompt sharing graphs, batches of several lengths (a recompile with a
+    dynamic length), bf16 autocast with activation checkpointing and gradient accumulation: the eager
+    run's losses and weights."""
+    torch._dynamo.reset()
+    data = [ex for length in (20, 24, 31) for ex in fixed_length_examples(4, length, seed=length)]
+    fp32 = {"n_layers": 3, "batch_size": 1, "max_steps": 6}  # one row a step: the batch length changes
+    bf16 = {"precision": "bf16", "activation_checkpointing": True, "grad_accum": 2}
+    for kw in (fp32, bf16):
+        tag = "fp32" if kw is fp32 else "bf16"
+        counters.clear()
+        _, eager_losses, eager_weights = train(folder, tmp_path / f"eager-{tag}", False, data, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            trainer, losses, weights = train(folder, tmp_path / f"compiled-{tag}", True, data, **kw)
+        assert trainer.compiled is not None and trainer.compiled.enabled
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        if kw is fp32:  # (no prompt, prompt) x (input without, with gradient), then a dynamic length
+            assert counters["stats"]["unique_graphs"] > 3
+            assert losses == pytest.approx(eager_losses, rel=1e-5)
+            for n, w in weights.items():
+                torch.testing.assert_close(w, eager_weights[n], rtol=1e-4, atol=1e-6, msg=n)
+        else:  # bf16: fused casts round differently; Adam turns tiny gradient differences into up to a step (lr)
+            assert losses == pytest.approx(eager_losses, rel=1e-3)
+            for n, w in weights.items():
+                torch.testing.assert_close(w, eager_weights[n], rtol=0.05, atol=2e-2, msg=n)
+
+
+@pytest.mark.slow
+def test_compiled_lavin_step_draws_the_eager_dropout(folder, tmp_path):
+    """LaVIN's adapters use dropout in training: the compiled step draws the eager masks (fallback_random),
+    so its losses are the eager run's, with images and without."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    clip = tmp_path / "clip"
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(str(clip))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(clip))
+    rng = np.random.default_rng(0)
+    pictures = []
+    for i in range(2):
+        pictures.append(tmp_path / f"p{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(pictures[-1])
+
+    def run(compile: bool) -> list[float]:
+        torch.manual_seed(0)
+        model, tok = la.load_pretrained(folder)
+        la.attach(model, la.LavinConfig(vision=f"clip:{clip}", dropout=0.5), tokenizer=tok)
+        answer = tok.encode(" red circle", add_special_tokens=False) + [2]
+        examples = []
+        for i, text in enumerate(["what colour is it?", "what shape is it?", "hello world", "how are you today?"]):
+            p = tok.encode(text)
+            examples.append(MultimodalExample(p + answer, [IGNORE] * len(p) + answer, pictures[i] if i < 2 else None,
+                                              f"r{i}"))
+        cfg = TrainConfig(out_dir=str(tmp_path / f"run-{compile}"), max_steps=STEPS, batch_size=4, lr=1e-2,
+                          progress=False, compile=compile)
+        trainer = Trainer(model, cfg, {"vqa": examples}, collate_fn=lambda ex: collate_multimodal(ex, tok.pad_id))
+        trainer.fit()
+        assert compile is (trainer.compiled is not None and trainer.compiled.enabled)
+        return [r["loss"] for r in trainer.log.records() if "loss" in r]
+
+    eager = run(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        compiled = run(True)
+    assert len(set(eager)) == STEPS  # it trained
+    assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_a_failed_compile_warns_once_and_trains_eagerly(folder, tmp_path):
+    data = fixed_length_examples()
+    _, eager_losses, eager_weights = train(folder, tmp_path / "eager", False, data)
+
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no C++ compiler")
+
+    torch.manual_seed(0)
+    model, _ = la.load_pretrained(folder)
+    la.attach(model, la.AdapterV1Config(prompt_len=4, n_layers=4))
+    with torch.no_grad():
+        for n, p in la.trainable_parameters(model).items():
+            if n.endswith("gate"):
+                p.fill_(0.5)
+    cfg = TrainConfig(out_dir=str(tmp_path / "broken"), max_steps=STEPS, batch_size=4, lr=1e-2, warmup_steps=0,
+                      progress=False, seed=0, compile=True)
+    trainer = Trainer(model, cfg, {"instruction": data}, pad_id=0)
+    assert trainer.compiled is not None
+    trainer.compiled._fn = broken
+    with pytest.warns(RuntimeWarning, match="compiling the training step failed.*no C\\+\\+ compiler") as record:
+        trainer.fit()
+    assert len([w for w in record if "train.compile" in str(w.message)]) == 1
+    assert len(calls) == 1 and not trainer.compiled.enabled
+    losses = [r["loss"] for r in trainer.log.records() if "loss" in r]
+    assert losses == pytest.approx(eager_losses, rel=1e-6)
+    for n, p in la.trainable_parameters(model).items():
+        torch.testing.assert_close(p.detach(), eager_weights[n], rtol=1e-6, atol=1e-7, msg=n)
+    assert all("forward" not in vars(b) for b in model.layers)
+
+
+def test_an_error_of_the_step_itself_is_raised_not_blamed_on_compiling(folder, tmp_path):
+    torch.manual_seed(0)
+    model, _ = la.load_pretrained(folder)
+    la.attach(model, la.AdapterV1Config(prompt_len=4, n_layers=4))
+
+    def bad_loss(model, batch):
+        raise ValueError("a bad batch")
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=2, batch_size=4, progress=False, compile=True)
+    trainer = Trainer(model, cfg, {"instruction": fixed_length_examples()}, pad_id=0, loss_fn=bad_loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ValueError, match="a bad batch"):
+            trainer.train_step()
+    assert trainer.compiled is not None and trainer.compiled.enabled
+
+
+def test_compile_option_is_validated_and_set_from_recipes():
+    assert TrainConfig().compile is False
+    assert load_recipe(None, ["train.compile=true"]).train.compile is True
+    assert load_recipe(None, ["train.compile=false"]).train.compile is False
+    for bad in ("maybe", "1"):
+        with pytest.raises(ValueError, match="compile must be true or false"):
+            load_recipe(None, [f"train.compile={bad}"])
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        TrainConfig(compile="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown key.*compiled"):
+        load_recipe(None, ["train.compiled=true"])
