@@ -70,9 +70,8 @@ def main() -> None:
     folded, _ = text_only_v2(args.adapter)
     results = {}
     for compiled in (False, True):
-        if compiled:
-            la.enable_compiled_decode(base)
-            la.enable_compiled_decode(folded)
+        for m in (base, folded):  # the eager rows without the default compiled step
+            la.enable_compiled_decode(m) if compiled else la.disable_compiled_decode(m)
         models = {"base": base, "folded_v2": folded}
         for m in models.values():
             tokens_per_second(m, tok, args.new_tokens)  # warm-up (and compile)

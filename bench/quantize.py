@@ -4,8 +4,9 @@ For fp32, bf16, int8 and int4 (the quantized bases are loaded in bf16; their emb
 norms bf16): the loaded model's tensor bytes; batch-1 and batch-8 greedy decode tokens/s through `la.generate`
 (contenders alternate round by round, one warm-up each, medians); the held-out Alpaca response NLL
 (`llama_adapter.eval.nll`, docs/evaluation.md) of the base; optionally a V1 adapter trained briefly on the
-bf16 and on the int8 base (`--v1-steps`). `--compiled` adds bf16 with `enable_compiled_decode` (a compile
-of tens of seconds first). Writes bench/results/<name>.json and .md.
+bf16 and on the int8 base (`--v1-steps`). The plain rows decode eagerly (the default compiled step switched
+off); `--compiled` adds bf16, int8 and int4 with `enable_compiled_decode` (batch 1; a compile of tens of seconds
+first). Writes bench/results/<name>.json and .md.
 
     .venv/bin/python bench/quantize.py [--compiled] [--v1-steps 20]
 """
@@ -45,10 +46,13 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def load(kind: str) -> tuple[la.LlamaLM, Any]:
-    dtype, quantize = ("fp32", None) if kind == "fp32" else ("bf16", None if kind.startswith("bf16") else kind)
+    base = kind.removesuffix("-compiled")
+    dtype, quantize = ("fp32", None) if base == "fp32" else ("bf16", None if base == "bf16" else base)
     model, tok = la.load_pretrained(dtype=dtype, quantize=quantize, progress=False)
-    if kind == "bf16-compiled":
+    if kind.endswith("-compiled"):
         la.enable_compiled_decode(model)
+    else:
+        la.disable_compiled_decode(model)
     return model, tok
 
 
@@ -95,12 +99,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48, help="new tokens per decode run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--nll-records", type=int, default=64)
-    ap.add_argument("--compiled", action="store_true", help="add bf16 with enable_compiled_decode")
+    ap.add_argument("--compiled", action="store_true", help="add bf16, int8, int4 with enable_compiled_decode")
     ap.add_argument("--v1-steps", type=int, default=0, help="train V1 this many steps on bf16 and int8 (0: skip)")
     ap.add_argument("--name", default="quantize")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    kinds = ["fp32", "bf16", "int8", "int4"] + (["bf16-compiled"] if args.compiled else [])
+    kinds = ["fp32", "bf16", "int8", "int4"] + (["bf16-compiled", "int8-compiled", "int4-compiled"]
+                                                if args.compiled else [])
     models = {k: load(k) for k in kinds}
     rows: dict[str, dict[str, Any]] = {k: {"bytes": model_bytes(m)} for k, (m, _) in models.items()}
     held = held_out_alpaca(ALPACA / "alpaca_data_1k.json", ALPACA / "alpaca_small_2k.json", args.nll_records)
@@ -110,8 +115,8 @@ def main() -> None:
     for batch in (1, 8):
         # the compiled graph is specialised to the batch size: batch 1 only (another compile otherwise)
         runners = {k: decode_runner(m, tok, batch, args.tokens) for k, (m, tok) in models.items()
-                   if batch == 1 or k != "bf16-compiled"}
-        for run in runners.values():  # warm-up (and the compile, for bf16-compiled)
+                   if batch == 1 or not k.endswith("-compiled")}
+        for run in runners.values():  # warm-up (and the compile, for the compiled rows)
             run()
         speeds: dict[str, list[float]] = {k: [] for k in runners}
         for _ in range(args.rounds):
@@ -126,24 +131,25 @@ def main() -> None:
             train_v1(m, tok, args.v1_steps)
             rows[k]["v1_train_s"] = round(time.perf_counter() - start, 1)
             rows[k]["v1_nll"] = round(response_nll(m, tok, held), 4)
-    fast = "bf16-compiled" if args.compiled else "bf16"
-    checks = verdicts(rows, fast, args.v1_steps > 0)
+    checks = verdicts(rows, args.compiled, args.v1_steps > 0)
     result = {"machine": machine_info(), "args": vars(args), "rows": rows, "checks": checks,
               "wall_s": round(time.perf_counter() - t0, 1), "load_average_1min_after": round(os.getloadavg()[0], 2)}
     write_results(args.name, result, to_markdown(result))
     print(to_markdown(result))
 
 
-def verdicts(rows: dict[str, dict[str, Any]], fast: str, trained: bool) -> list[dict[str, Any]]:
+def verdicts(rows: dict[str, dict[str, Any]], compiled: bool, trained: bool) -> list[dict[str, Any]]:
     bf16 = rows["bf16"]
     out = []
 
     def check(what: str, value: float, target: float, ok: bool) -> None:
         out.append({"check": what, "value": round(value, 4), "target": target, "result": "PASS" if ok else "MISS"})
 
-    for ref in dict.fromkeys(["bf16", fast]):
-        ratio = rows["int8"]["tok_s_b1"] / rows[ref]["tok_s_b1"]
-        check(f"int8 batch-1 tok/s vs {ref}", ratio, 1.5, ratio >= 1.5)
+    pairs = [("int8", "bf16")] + ([("int8-compiled", "bf16-compiled"), ("int4-compiled", "bf16-compiled")]
+                                  if compiled else [])
+    for k, ref in pairs:
+        ratio = rows[k]["tok_s_b1"] / rows[ref]["tok_s_b1"]
+        check(f"{k} batch-1 tok/s vs {ref}", ratio, 1.5, ratio >= 1.5)
     for k in ("int8", "int4"):
         ratio = rows[k]["bytes"] / bf16["bytes"]
         check(f"{k} memory / bf16", ratio, TARGETS[k]["memory"], ratio <= TARGETS[k]["memory"])

@@ -6,7 +6,8 @@ non-zero weights (V1 text and LaVIN with efficientnet-lite0), the real server in
 (b) 8 streams spread over 3 adapters (V1, LaVIN, a second V1) against 8 on the V1 adapter (target: within
     15%, i.e. >= 0.85x);
 (c) one non-streamed /v1/completions request against la.generate in this process on the same prompt and
-    max_tokens, on the base and on the V1 adapter (target: <= 1.10x; the two texts are compared too);
+    max_tokens, on the base and on the V1 adapter (target: <= 1.10x; the two texts are compared too), with
+    la.generate on the server's decode path (eager: the server does not use the compiled step);
 (d) memory: the server's tensor bytes (every distinct tensor storage) and RSS after Server.load with 0..4
     adapters (LaVIN, V1, LaVIN, V1), each in a fresh process; every adapter after the first must cost at most
     its own weights + 10% (tensor bytes; RSS is shown, but cannot resolve a 0.6 MB adapter reliably).
@@ -213,6 +214,8 @@ def main() -> int:
                   "--max-tokens", str(max(n, 512)), "--dtype", a.dtype]
         base, tok = la.load_pretrained(MODEL, dtype=a.dtype, progress=False)
         with_v1, _ = la.load_pretrained(MODEL, dtype=a.dtype, progress=False)
+        for m in (base, with_v1):  # (c) is the server's own overhead: la.generate on the server's (eager) decode path
+            la.disable_compiled_decode(m)
         la.load_adapter(with_v1, saved["v1"].folder)
         with ServerProcess(flags, Path(tmp) / "server.log") as server:
             command = server.command.replace(tmp, "$TMP")
