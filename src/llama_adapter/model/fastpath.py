@@ -422,7 +422,8 @@ class CompiledDecode:
             try:
                 job = compile_worker.spec(calls, torch.get_num_threads(), marker)
                 log: IO[bytes] = tempfile.TemporaryFile()
-                proc = subprocess.Popen(WORKER, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # finds what we found
+                proc = subprocess.Popen(WORKER, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, env=env)
                 cast(IO[bytes], proc.stdin).write(job)
                 cast(IO[bytes], proc.stdin).close()
             except (OSError, ValueError) as e:
