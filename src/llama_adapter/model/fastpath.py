@@ -116,24 +116,15 @@ def _linear(h: torch.Tensor, t: dict[str, Any], name: str, use_gemv: bool) -> to
 
 def _routed_adapter(h: torch.Tensor, a: dict[str, Any], use_gemv: bool) -> torch.Tensor:
     """LaVIN's MM-adapter with its routing weights fixed at prefill: h + s (w0 U0(D h) + w1 U1(D h)), with the
-    two up-projections mixed into one per row beforehand (`_mixed_up`). On a CPU both projections are written as
-    multiply-and-sum, which inductor fuses with the work around them instead of calling two small matmuls."""
+    two up-projections mixed into one per row beforehand (ModalityRoutedAdapter.mixed_up). On a CPU both
+    projections are written as multiply-and-sum, which inductor fuses with the work around them instead of
+    calling two small matmuls."""
     x = h.to(a["down_w"].dtype)
     hidden = _gemv(x, a["down_w"], a["down_b"]) if use_gemv else F.linear(x, a["down_w"], a["down_b"])
     hg = hidden.unflatten(-1, (a["up_w"].shape[1], -1))  # grouped up-projection (GroupedUp), per row
     up_w = a["up_w"].to(hidden.dtype)
     up = (hg.unsqueeze(-2) * up_w).sum(-1) if use_gemv else torch.einsum("bgk,bgok->bgo", hg, up_w)
     return h + (a["scale"] * (up.flatten(-2) + a["up_b"].to(hidden.dtype))).to(h.dtype)
-
-
-def _mixed_up(terms: dict[str, Any]) -> dict[str, Any]:
-    """A routed adapter's decode terms with w0 U0 + w1 U1 (and w0 b0 + w1 b1) computed once per generation:
-    the routing weights [B, 2] are constants after the prefill."""
-    w = terms["weights"]
-    up_w = w[:, 0, None, None, None] * terms["up0_w"] + w[:, 1, None, None, None] * terms["up1_w"]
-    up_b = w[:, 0:1] * terms["up0_b"] + w[:, 1:2] * terms["up1_b"]
-    return {"down_w": terms["down_w"], "down_b": terms["down_b"], "up_w": up_w, "up_b": up_b,
-            "scale": terms["scale"]}
 
 
 def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, write_at: torch.Tensor,
@@ -210,7 +201,7 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
     for slot in ("attn_adapter", "ffn_adapter"):
         adapter = getattr(layer, slot)
         if adapter is not None:
-            t[slot] = _mixed_up(cast(Any, adapter).decode_terms(cache, rows))
+            t[slot] = cast(Any, adapter).decode_terms(cache, rows)
     return t
 
 
