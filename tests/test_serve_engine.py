@@ -103,13 +103,37 @@ def _saved(model, cfg, tok, folder, seed):
     return m
 
 
-def test_the_server_loads_v2_folded_or_in_its_own_batch_and_images_reach_v1(base, tiny_folder, tmp_path,
-                                                                          monkeypatch):
+def _all_at_once(server, tok, requests):
+    """Submit (served name, text, image) requests to the server's scheduler together; their answers (12 greedy
+    tokens each)."""
     import asyncio
 
     from llama_adapter.generate import Sampling
-    from llama_adapter.serve import Server
     from llama_adapter.serve.scheduler import Job
+
+    async def run(name, text, im):
+        job = Job(server.served[name], _ids(tok, text), Sampling(max_new_tokens=12), im)
+        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
+        server.scheduler.submit(job)
+        out = ""
+        while (event := await job.events.get())[0] == "text":
+            out += event[1]
+        return out
+
+    async def gather():
+        return await asyncio.gather(*[run(*r) for r in requests])
+
+    server.scheduler.start()
+    try:
+        return asyncio.run(gather())
+    finally:
+        server.scheduler.stop()
+
+
+def test_the_server_loads_v2_folded_or_in_its_own_batch_and_images_reach_v1(base, tiny_folder, tmp_path,
+                                                                          monkeypatch):
+
+    from llama_adapter.serve import Server
 
     monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path / "cache"))
     model, tok = base
@@ -137,26 +161,7 @@ def test_the_server_loads_v2_folded_or_in_its_own_batch_and_images_reach_v1(base
     image = Image.new("RGB", (40, 30), (200, 40, 40))
     requests = [("v1", "hello", None), ("v1mm", "what colour", image), ("v2", "a red circle", None),
                 ("v2mm", "what colour", image), ("v1mm", "hello", None), ("base", "yes", None)]
-
-    async def run(name, text, im):
-        job = Job(s[name], _ids(tok, text), Sampling(max_new_tokens=12), im)
-        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
-        server.scheduler.submit(job)
-        out = ""
-        while True:
-            kind, value = await job.events.get()
-            if kind != "text":
-                return out
-            out += value
-
-    async def all_at_once():
-        return await asyncio.gather(*[run(*r) for r in requests])
-
-    server.scheduler.start()
-    try:
-        got = asyncio.run(all_at_once())
-    finally:
-        server.scheduler.stop()
+    got = _all_at_once(server, tok, requests)
     for (name, text, im), answer in zip(requests, got):
         m = refs.get(name, model)
         assert answer == la.generate(m, tok, text, images=None if im is None else [im], chat=True,
@@ -168,12 +173,9 @@ def test_a_quantized_base_serves_v1_shared_and_v2_unfolded(base, tiny_folder, tm
     """Issue 38's `serve --quantize`: V1 shares the packed base's batch; V2 cannot be folded into packed weights,
     so it decodes unfolded in a batch of its own; each answers as `la.generate` on a quantized base with the
     adapter loaded."""
-    import asyncio
 
-    from llama_adapter.generate import Sampling
     from llama_adapter.model.quantize import quantization_of
     from llama_adapter.serve import Server
-    from llama_adapter.serve.scheduler import Job
 
     model, tok = base
     _saved(model, la.AdapterV1Config(prompt_len=3, n_layers=2), tok, tmp_path / "v1", 1)
@@ -183,26 +185,10 @@ def test_a_quantized_base_serves_v1_shared_and_v2_unfolded(base, tiny_folder, tm
     s = server.served
     assert quantization_of(server.base) == kind
     assert s["v1"].batch == "shared" and (s["v2"].batch, s["v2"].folded) == ("v2", False)
-    requests = [("v1", "hello"), ("v2", "a red circle"), ("base", "yes"), ("v1", "the quick brown fox")]
-
-    async def run(name, text):
-        job = Job(s[name], _ids(tok, text), Sampling(max_new_tokens=12), None)
-        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
-        server.scheduler.submit(job)
-        out = ""
-        while (event := await job.events.get())[0] == "text":
-            out += event[1]
-        return out
-
-    async def all_at_once():
-        return await asyncio.gather(*[run(*r) for r in requests])
-
-    server.scheduler.start()
-    try:
-        got = asyncio.run(all_at_once())
-    finally:
-        server.scheduler.stop()
-    for (name, text), answer in zip(requests, got):
+    requests = [("v1", "hello", None), ("v2", "a red circle", None), ("base", "yes", None),
+                ("v1", "the quick brown fox", None)]
+    got = _all_at_once(server, tok, requests)
+    for (name, text, _), answer in zip(requests, got):
         ref, _ = la.load_pretrained(tiny_folder, quantize=kind)
         if name != "base":
             la.load_adapter(ref, tmp_path / name, tokenizer=tok)
