@@ -1,11 +1,15 @@
 """The default decode path (no opt-in) against transformers, at batch 1, 8 and 32, and its first call.
 
 Run: python bench/default_decode.py [--new-tokens 64] [--reps 5] [--batches 1 8 32] [--threads 2]
+     python bench/default_decode.py --dtypes bf16 --batches 1 2 4 8 32 --with-compiled --skip-first-call \
+         --reps 3 --out default_decode_batches    # where the compiled step pays off
 
 Part 1, steady state, one process: `generate_tokens` as `la.generate` runs it by default (the compiled step, made
 ready by a warm-up call and waiting for its background compile), the same with the fast path off (eager), and
 transformers' `generate`, in fp32 and bf16, greedy, exactly --new-tokens tokens per row (end of sequence ignored),
 alternating on every repetition after the warm-up; medians. Batch B decodes B copies of the prompt.
+`--with-compiled` adds the compiled step forced on at every batch size (`enable_compiled_decode`), which shows
+where the default uses it.
 
 Part 2, the first call of a fresh process (`la.load_pretrained` then one `la.generate` of --new-tokens tokens,
 batch 1, bf16): with inductor's on-disk cache empty (a new machine) and filled (any later process), default path
@@ -33,10 +37,11 @@ from common import machine_info, median, write_results  # noqa: E402
 
 import llama_adapter as la  # noqa: E402
 from llama_adapter.generate import Sampling, generate_tokens  # noqa: E402
-from llama_adapter.model.fastpath import default_decode, disable_compiled_decode  # noqa: E402
+from llama_adapter.model.fastpath import CompiledDecode, default_decode, disable_compiled_decode  # noqa: E402
 from llama_adapter.model.load import resolve_model_path  # noqa: E402
 
 PROMPT = "The history of the Roman empire is"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 MODEL = "smollm2-135m"
 
 FIRST_CALL = """
@@ -94,6 +99,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-first-call", action="store_true")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--with-compiled", action="store_true", help="add the compiled step at every batch size")
     ap.add_argument("--out", default="default_decode")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,15 +110,17 @@ def main() -> None:
     path = str(resolve_model_path(MODEL, progress=False))
     runners: dict[str, Callable[[], list[list[int]]]] = {}
     models = {}
-    for dt_name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    impls = ["ours-default", "ours-eager"] + (["ours-compiled"] if args.with_compiled else []) + ["transformers"]
+    for dt_name in args.dtypes:
         model, tok = la.load_pretrained(MODEL, dtype=dt_name, progress=False)
         models[dt_name] = model
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dt).eval()
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPES[dt_name])).eval()
         for b in args.batches:
-            runners[f"ours-default/{dt_name}/{b}"] = ours_runner(model, tok, b, n)
-            runners[f"ours-eager/{dt_name}/{b}"] = ours_runner(model, tok, b, n)
-            runners[f"transformers/{dt_name}/{b}"] = hf_runner(hf, tok, b, n)
+            for impl in impls:
+                runners[f"{impl}/{dt_name}/{b}"] = (hf_runner(hf, tok, b, n) if impl == "transformers"
+                                                    else ours_runner(model, tok, b, n))
     states = {dt: default_decode(m) for dt, m in models.items()}
+    forced = {dt: CompiledDecode(m) for dt, m in models.items()}
     if any(s is None for s in states.values()):
         raise SystemExit("the default fast path is off here (LLAMA_ADAPTER_FAST_DECODE=0, or not a CPU)")
 
@@ -121,6 +130,8 @@ def main() -> None:
             disable_compiled_decode(models[dt_name])
             if impl == "ours-default":
                 models[dt_name]._compiled_decode = states[dt_name]
+            elif impl == "ours-compiled":
+                models[dt_name]._compiled_decode = forced[dt_name]
         t = time.perf_counter()
         out = runners[key]()
         return time.perf_counter() - t, out
@@ -188,7 +199,7 @@ def main() -> None:
     lines += ["", "All figures, tokens/s (aggregate over the batch's rows):", "",
               "| impl | dtype | " + " | ".join(f"batch {b}" for b in args.batches) + " |",
               "|---|---|" + "---:|" * len(args.batches)]
-    for impl in ("ours-default", "ours-eager", "transformers"):
+    for impl in impls:
         for dt in models:
             lines.append(f"| {impl} | {dt} | " + " | ".join(
                 f"{results[f'{impl}/{dt}/{b}']['tokens_per_s']:.1f}" for b in args.batches) + " |")

@@ -248,9 +248,10 @@ def test_default_decode_compiles_in_the_background_while_the_first_call_decodes_
     later, _ = la.load_pretrained(tiny_folder)
     assert tokens(later, tok, prompts, n=12) == want
     assert fastpath.compiled_decode_of(later).compiled_steps == 11 and inductor_counts()[1] == misses
-    # a batch of several rows decodes eagerly by default (faster there: docs/benchmarks.md)
-    two = ["the quick brown fox", "hello"]
-    assert tokens(later, tok, two, n=12) == tokens(eager, tok, two, n=12)
+    # a batch of more rows decodes eagerly by default (faster there: docs/benchmarks.md)
+    rows = ["the quick brown fox", "hello", "a red circle"]
+    assert len(rows) > fastpath.DEFAULT_MAX_ROWS
+    assert tokens(later, tok, rows, n=12) == tokens(eager, tok, rows, n=12)
     assert fastpath.compiled_decode_of(later).compiled_steps == 11
 
 

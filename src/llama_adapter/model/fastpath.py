@@ -22,7 +22,7 @@ gradient recording, and no sliding window the step could exceed. Anything else t
 path, so attaching anything after enabling is safe. A failure to compile disables the fast path
 for that model with a warning.
 
-It is the default on a CPU at batch 1 (`default_decode`), where it was measured faster, and compiles
+It is the default on a CPU at batch 1 and 2 (`default_decode`), where it was measured faster, and compiles
 in the background: a cold compile takes 20-40 s on a CPU, so a model's first generations decode
 eagerly while a worker process (model/compile_worker.py) compiles the graphs for their shapes into
 inductor's on-disk cache; at the next token after it finishes, the model compiles them from that
@@ -52,9 +52,9 @@ from .fused import has_module_hooks
 from .llama import BLOCK_LINEARS, AdaptableLinear, Block, KVCache, LlamaLM
 
 _ATTR = "_compiled_decode"
-# The default step serves batch 1 only: at batch 4 and more the eager path's matrix-matrix kernels were faster on
-# our CPUs (docs/benchmarks.md); enable_compiled_decode serves any batch.
-DEFAULT_MAX_ROWS = 1
+# The default step serves batches of 1 and 2: at 4 rows and more the eager path's matrix-matrix kernels were faster
+# (bench/results/default_decode_batches.md); enable_compiled_decode serves any batch.
+DEFAULT_MAX_ROWS = 2
 ENV_SWITCH = "LLAMA_ADAPTER_FAST_DECODE"  # "0" / "off" / "false": no default fast path in this process
 MAX_BLOCKS_PER_GRAPH = 10
 RECOMPILE_LIMIT = 256  # graphs per compiled function in one process (dynamo's default: 8)
@@ -331,7 +331,7 @@ class CompiledDecode:
 
     def usable(self, cache_len: int, rows: int = 1) -> bool:
         """Whether the graph computes what the eager model would for `rows` sequences and a cache of `cache_len`
-        (and, for the default step, whether it is faster there: batch 1)."""
+        (and, for the default step, whether it is faster there: batches of 1 and 2)."""
         m = self.model
         if self.failed is not None or torch.is_grad_enabled():
             return False
