@@ -40,6 +40,7 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
@@ -50,6 +51,7 @@ from . import compile_worker
 from .attached import method_is_plain
 from .fused import has_module_hooks
 from .llama import BLOCK_LINEARS, AdaptableLinear, Block, KVCache, LlamaLM
+from .quantize import packed_matmul
 
 _ATTR = "_compiled_decode"
 # The default step serves batches of 1 and 2: at 4 rows and more the eager path's matrix-matrix kernels were faster
@@ -86,17 +88,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _packed(x: torch.Tensor, q: tuple[str, torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
-    """x @ W.T for a packed low-bit W (model/quantize.py's kinds and layouts), through PyTorch's kernels as
-    QuantizedWeight.matmul calls them: the input in the scales' dtype, the output back in x's."""
-    kind, packed, scales, group = q
-    x2 = x.to(scales.dtype)
-    if kind == "int8":
-        y = torch._weight_int8pack_mm(x2, packed, scales)
-    elif packed.device.type == "cuda":
-        y = torch._weight_int4pack_mm(x2, packed, group, scales)
-    else:
-        y = torch._weight_int4pack_mm_for_cpu(x2, packed, group, scales)
-    return y.to(x.dtype)
+    """x @ W.T for a packed low-bit W (QuantizedWeight.terms), as the eager linear computes it: the input in the
+    scales' dtype, the output back in x's."""
+    return packed_matmul(x.to(q[2].dtype), *q).to(x.dtype)
 
 
 def _linear(h: torch.Tensor, t: dict[str, Any], name: str, use_gemv: bool) -> torch.Tensor:
@@ -190,7 +184,7 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
             lin = getattr(getattr(layer, part), name)
             t["w" + name], t["b" + name] = lin.weight, lin.bias
             if isinstance(lin, AdaptableLinear) and lin.quantized is not None:
-                t["q" + name] = packed_terms(lin.quantized)
+                t["q" + name] = cast(Any, lin.quantized).terms()
             if isinstance(lin, AdaptableLinear):
                 t["db" + name], t["s" + name] = lin.delta_bias, lin.scale
     attn = layer.self_attn
@@ -205,16 +199,10 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
     return t
 
 
-def packed_terms(qw: Any) -> tuple[str, torch.Tensor, torch.Tensor, int]:
-    """What `_packed` reads of a QuantizedWeight: its kind, packed weight, scales (in the kernels' dtype) and
-    int4 group size."""
-    return qw.kind, qw.packed, qw._scales(), qw.group_size
-
-
 def head_terms(model: LlamaLM) -> tuple | None:
     """The packed table of a quantized output head, or None for a float one."""
     table = getattr(model.lm_head, "table", None)
-    return None if table is None else packed_terms(table)
+    return None if table is None else table.terms()
 
 
 def _uniform(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -325,7 +313,8 @@ class CompiledDecode:
         self._blocks = torch.compile(_group_step, dynamic=False, fullgraph=True)
         self._head = torch.compile(_head_step, dynamic=False, fullgraph=True)
         self.compiled_steps = 0
-        self._tensors: tuple[KVCache, list, tuple] | None = None  # per-layer inputs (and their shapes), per generation
+        # per generation: the cache, the per-layer inputs, and (background mode) their shapes and the worker's marker
+        self._tensors: tuple[KVCache, list, tuple | None, Path | None] | None = None
         self._ready: set[tuple] = set()  # input shapes with a compiled graph (background mode)
         self._worker: tuple[tuple, subprocess.Popen, IO[bytes]] | None = None  # shapes, process, its stderr
 
@@ -360,10 +349,12 @@ class CompiledDecode:
             rows = token.shape[0]
             tensors = _uniform([_block_tensors(cast(Block, b), cache, i, extras or {}, rows)
                                 for i, b in enumerate(m.layers)])
-            self._tensors = (cache, tensors, _shapes(x, tensors))
-        _, tensors, shapes = self._tensors
-        if self.background and shapes not in self._ready:
-            if not self._compiled_elsewhere(shapes, (x, cos, sin, bias, write_at), tensors):
+            shapes = _shapes(x, tensors) if self.background else None
+            marker = compile_worker.marker(repr((shapes, self.use_gemv, self.group))) if self.background else None
+            self._tensors = (cache, tensors, shapes, marker)
+        _, tensors, shapes, marker = self._tensors
+        if shapes is not None and marker is not None and shapes not in self._ready:
+            if not self._compiled_elsewhere(shapes, marker, (x, cos, sin, bias, write_at), tensors):
                 return None
             self._ready.add(shapes)  # the call below compiles from the worker's cache entries
         try:
@@ -400,11 +391,10 @@ class CompiledDecode:
         self.failed = f"{type(e).__name__}: {e}"
         warnings.warn(f"compiled decoding failed, using the eager path: {self.failed}", stacklevel=3)
 
-    def _compiled_elsewhere(self, shapes: tuple, inputs: tuple, tensors: list[dict[str, Any]]) -> bool:
+    def _compiled_elsewhere(self, shapes: tuple, marker: Path, inputs: tuple, tensors: list[dict[str, Any]]) -> bool:
         """Whether a worker process has compiled the graphs for these shapes into inductor's on-disk cache (in
         this process or an earlier one: it leaves a marker there); starts one (one at a time) if none is running
         (model/compile_worker.py says why a process)."""
-        marker = compile_worker.marker(repr((shapes, self.use_gemv, self.group)))
         if marker.exists():
             return True
         if self._worker is None:

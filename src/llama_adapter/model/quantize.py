@@ -117,14 +117,14 @@ class QuantizedWeight(nn.Module):
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """x2d [M, in] (compute dtype, contiguous) @ W.T -> [M, out], through PyTorch's packed kernel."""
-        if self.kind == "int8":
-            return torch._weight_int8pack_mm(x2d, self.packed, self._scales())
-        if x2d.device.type != self.packed_for:
+        if self.kind == "int4" and x2d.device.type != self.packed_for:
             raise ValueError(f"int4 weights packed for {self.packed_for} cannot run on {x2d.device.type}: the "
                              f"packed layouts differ; load the model with quantize='int4' on the device it runs on")
-        if x2d.device.type == "cuda":
-            return torch._weight_int4pack_mm(x2d, self.packed, self.group_size, self._scales())
-        return torch._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group_size, self._scales())
+        return packed_matmul(x2d, *self.terms())
+
+    def terms(self) -> tuple[str, torch.Tensor, torch.Tensor, int]:
+        """What `packed_matmul` takes besides the input: kind, packed weight, scales (kernel dtype), group size."""
+        return self.kind, self.packed, self._scales(), self.group_size
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight [out, in] the kernel multiplies by (int4: the kernel applied to the identity,
@@ -151,6 +151,17 @@ class QuantizedWeight(nn.Module):
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.kind == "int4" else ""
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}{group}"
+
+
+def packed_matmul(x2d: torch.Tensor, kind: str, packed: torch.Tensor, scales: torch.Tensor,
+                  group_size: int) -> torch.Tensor:
+    """x2d @ W.T for a packed W through PyTorch's kernel for its kind and device (also called inside the compiled
+    decode graph, model/fastpath.py)."""
+    if kind == "int8":
+        return torch._weight_int8pack_mm(x2d, packed, scales)
+    if packed.device.type == "cuda":
+        return torch._weight_int4pack_mm(x2d, packed, group_size, scales)
+    return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scales)
 
 
 class _QuantizedMatmul(torch.autograd.Function):
