@@ -17,7 +17,7 @@ rotated each repetition), and report medians. Decode tokens/s of a run: the toke
 summed, over the time from the first stream's first token to the last stream's last token.
 Writes bench/results/<name>.json and .md with each ratio, its target and PASS/MISS.
 
-    python bench/serve_throughput.py [--max-tokens 64] [--reps 5] [--threads 2]
+    python bench/serve_throughput.py [--max-tokens 64] [--reps 5] [--threads 2] [--dtype auto|fp32|bf16]
     python bench/serve_throughput.py --quick     # smoke run: 8 tokens, 1 repetition, memory with 0..2 adapters
 """
 
@@ -118,14 +118,14 @@ def completion(url: str, model: str, max_tokens: int, timeout: float) -> tuple[f
 # ---------------------------------------------------------------- (d): memory after Server.load
 
 
-def memory_probe(adapters: dict[str, str], threads: int) -> dict[str, int]:
+def memory_probe(adapters: dict[str, str], threads: int, dtype: str) -> dict[str, int]:
     """In a fresh process: Server.load with `adapters`; its tensor bytes and RSS."""
     import torch
 
     from llama_adapter.serve import ServeConfig, Server
 
     torch.set_num_threads(threads)
-    server = Server.load(ServeConfig(model=MODEL, adapters=adapters))
+    server = Server.load(ServeConfig(model=MODEL, adapters=adapters, dtype=dtype))
     gc.collect()
     try:  # give freed heap back so that RSS shows what is held
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -137,13 +137,13 @@ def memory_probe(adapters: dict[str, str], threads: int) -> dict[str, int]:
     return {"tensor_bytes": held, "rss_bytes": rss}
 
 
-def memory_steps(saved: dict[str, SavedAdapter], steps: int, threads: int) -> list[dict[str, Any]]:
+def memory_steps(saved: dict[str, SavedAdapter], steps: int, threads: int, dtype: str) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     rows = []
     for k in range(steps + 1):
         names = [s.name for s in MEMORY_ORDER[:k]]
         with ctx.Pool(1) as pool:
-            got = pool.apply(memory_probe, ({n: str(saved[n].folder) for n in names}, threads))
+            got = pool.apply(memory_probe, ({n: str(saved[n].folder) for n in names}, threads, dtype))
         rows.append({"adapters": names, **got})
         print(f"memory with {k} adapters: tensors {got['tensor_bytes'] / 2**20:.2f} MiB, RSS "
               f"{got['rss_bytes'] / 2**20:.1f} MiB", flush=True)
@@ -183,7 +183,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (and la.generate)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="base dtype (server, la.generate)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="base dtype (server, la.generate); auto, the server's default: bf16 where the CPU runs it "
+                         "natively, else fp32")
     ap.add_argument("--threads", type=int, default=bench_threads(), help="torch threads, here and in the server")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--quick", action="store_true", help="smoke run: 8 tokens, 1 repetition, memory with 0..2 adapters")
@@ -198,14 +200,16 @@ def main() -> int:
     import torch
 
     import llama_adapter as la
+    from llama_adapter.device import resolve_dtype
 
+    a.dtype = "bf16" if resolve_dtype(a.dtype) == torch.bfloat16 else "fp32"  # what "auto" chose, by name
     torch.set_num_threads(a.threads)
     n, t0 = a.max_tokens, time.time()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="serve_throughput_") as tmp:
         saved = make_adapters(Path(tmp), list({s.name: s for s in (*SERVED, *MEMORY_ORDER)}.values()))
 
-        memory = memory_steps(saved, memory_adapters, a.threads)
+        memory = memory_steps(saved, memory_adapters, a.threads, a.dtype)
 
         flags = ["--model", MODEL]
         for s in SERVED:
@@ -281,7 +285,8 @@ def main() -> int:
 
     figures = {
         "benchmark": "server targets (issue 35)", "model": MODEL, "prompt": PROMPT, "max_tokens": n,
-        "reps": a.reps, "threads": a.threads, "server_command": command, "server_exit_code": exit_code,
+        "dtype": a.dtype, "reps": a.reps, "threads": a.threads, "server_command": command,
+        "server_exit_code": exit_code,
         "server_peak_rss_bytes": peak,
         "adapters": {s.name: {"method": s.method, "own_bytes": s.own_bytes, "images": s.images}
                      for s in saved.values()},

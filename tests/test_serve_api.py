@@ -54,7 +54,7 @@ def zoo(tmp_path_factory) -> TinyZoo:
 
 def config(zoo: TinyZoo, **kw: Any) -> Any:
     base: dict[str, Any] = dict(model=str(zoo.folder), adapters={n: str(p) for n, p in zoo.adapters.items()},
-                                max_batch=8, max_queue=64, max_tokens=MAX_TOKENS, **LIMITS)
+                                max_batch=8, max_queue=64, max_tokens=MAX_TOKENS, dtype="fp32", **LIMITS)
     base.update(kw)
     return ServeConfig(**base)
 
@@ -652,7 +652,7 @@ def test_embedded_smollm2_with_a_trained_v1_adapter(tmp_path):
     ids = tok.encode(tok.chat_prompt([{"role": "user", "content": question}]), add_special_tokens=False)
     want = "".join(stream_ids(model, tok, ids, Sampling(max_new_tokens=12)))
     with serve(ServeConfig(model=DEFAULT_MODEL, adapters={"trained": str(tmp_path / "trained")},
-                           max_batch=4, max_tokens=64)) as (url, _):
+                           max_batch=4, max_tokens=64, dtype="fp32")) as (url, _):
         client = openai_client(url)
         out = ask(client, "trained", question, max_tokens=12)
         base = ask(client, "base", question, max_tokens=12)

@@ -47,7 +47,7 @@ def served_config(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("serve_page")
     folder = save_tiny_folder(root / "tiny", max_position_embeddings=CONTEXT)
     adapter = save_v1(folder, root / "v1img", seed=4, vision=VISION)
-    return dict(model=str(folder), adapters={"v1img": str(adapter)}, max_tokens=MAX_TOKENS)
+    return dict(model=str(folder), adapters={"v1img": str(adapter)}, max_tokens=MAX_TOKENS, dtype="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,41 @@ def test_rows_of_different_adapters_joining_at_different_times_decode_as_each_al
     assert max(len(t) for t in tokens) > 64 - len(_ids(tok, "hello"))  # decoded past the first buffer
 
 
+def test_a_mixed_batch_runs_its_hooks_as_per_row_tensors_equal_to_each_adapters_own(base, monkeypatch):
+    """Rows of V1 adapters with different prompt lengths and layers, LaVIN adapters of different ranks and the
+    bare base: the merged per-row hooks (serve/merged.py) give the logits that calling each adapter's own hooks
+    on its rows gives."""
+    from llama_adapter.serve import engine
+
+    model, tok = base
+    models = [_acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=3, n_layers=2), tok, 1),
+              _acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=5, n_layers=3), tok, 2),
+              _acting(weight_sharing_copy(model), la.LavinConfig(vision=None, rank=4), tok, 3),
+              _acting(weight_sharing_copy(model), la.LavinConfig(vision=None, rank=8, groups=4), tok, 4),
+              weight_sharing_copy(model)]
+    texts = ["hello", "the quick brown fox", "a red circle", "what colour is it", "yes no maybe"]
+
+    def steps(merge: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(engine, "merge_hooks", engine.merge_hooks if merge else (lambda groups, n: None))
+        batch = DecodeBatch(install_dispatchers(weight_sharing_copy(model)), shared=True)
+        for i, (m, text) in enumerate(zip(models + models[:2], texts + texts[::-1][:2])):
+            pre = prefill(m, tok, _ids(tok, text))
+            batch.admit(Row(m, str(id(m)), pre.prefix, pre.state, pre.extras, pre.position,
+                            int(pre.logits.argmax()), i), pre)
+        out = []
+        for _ in range(3):
+            out.append(batch.step())
+            assert (batch._row_groups()[1] is not None) == merge
+            for j, row in enumerate(batch.rows):
+                row.token = int(out[-1][j].argmax())
+        return out
+
+    merged, own = steps(True), steps(False)
+    for a, b in zip(merged, own):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(own[0][0], own[0][-1])  # the rows really differ
+
+
 def _saved(model, cfg, tok, folder, seed):
     m = _acting(weight_sharing_copy(model), cfg, tok, seed)
     la.save_adapter(m, folder)
@@ -144,7 +179,8 @@ def test_the_server_loads_v2_folded_or_in_its_own_batch_and_images_reach_v1(base
         "v2": _saved(model, la.AdapterV2Config(), tok, tmp_path / "v2", 3),
         "v2mm": _saved(model, la.AdapterV2Config(vision="efficientnet-lite0"), tok, tmp_path / "v2mm", 4),
     }
-    server = Server.load(ServeConfig(model=str(tiny_folder), adapters={k: str(tmp_path / k) for k in refs}))
+    server = Server.load(ServeConfig(model=str(tiny_folder), dtype="fp32",
+                                     adapters={k: str(tmp_path / k) for k in refs}))
     s = server.served
     assert (s["v1"].batch, s["v1mm"].batch) == ("shared", "shared")
     assert (s["v2"].batch, s["v2"].folded) == ("v2", True)
@@ -180,7 +216,7 @@ def test_a_quantized_base_serves_v1_shared_and_v2_unfolded(base, tiny_folder, tm
     model, tok = base
     _saved(model, la.AdapterV1Config(prompt_len=3, n_layers=2), tok, tmp_path / "v1", 1)
     _saved(model, la.AdapterV2Config(), tok, tmp_path / "v2", 3)
-    server = Server.load(ServeConfig(model=str(tiny_folder), quantize=kind,
+    server = Server.load(ServeConfig(model=str(tiny_folder), dtype="fp32", quantize=kind,
                                      adapters={k: str(tmp_path / k) for k in ("v1", "v2")}))
     s = server.served
     assert quantization_of(server.base) == kind
@@ -248,13 +284,13 @@ def test_experts_read_a_request_image_for_a_text_only_model(tiny_folder, tmp_pat
     url = "data:image/png;base64," + base64.b64encode((s.out_dir / record["image"]).read_bytes()).decode()
     body = {"model": "base", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What does it say?"}, {"type": "image_url", "image_url": {"url": url}}]}]}
-    with_ocr = Server.load(ServeConfig(model=str(tiny_folder), experts=["ocr"]))
+    with_ocr = Server.load(ServeConfig(model=str(tiny_folder), dtype="fp32", experts=["ocr"]))
     job = with_ocr.chat_job(ChatRequest.model_validate(body))
     tok = with_ocr.tok
     expected = render_chat(tok, PromptLayout(), [("user", "What does it say?")],
                            f"Text in the image: {record['answer']}")
     assert job.prompt_ids == expected and job.image is None
-    plain = Server.load(ServeConfig(model=str(tiny_folder)))
+    plain = Server.load(ServeConfig(model=str(tiny_folder), dtype="fp32"))
     with pytest.raises(APIError, match="'base' takes no images") as e:
         plain.chat_job(ChatRequest.model_validate(body))
     assert e.value.status == 400

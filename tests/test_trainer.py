@@ -153,13 +153,15 @@ def test_bf16_autocast_keeps_trainable_fp32(tiny_folder, tmp_path):
 @pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
                                                          (False, False, None)])
 def test_auto_precision_takes_bf16_only_where_the_cpu_has_it(monkeypatch, amx, avx512_bf16, expected):
-    from llama_adapter.device import resolve_precision
+    """Training's precision "auto" and the model dtype "auto" (the server's default) make the same choice."""
+    from llama_adapter.device import resolve_dtype, resolve_precision
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == expected
     assert resolve_precision("bf16", cpu) == torch.bfloat16 and resolve_precision("fp32", cpu) is None
+    assert resolve_dtype("auto", cpu) == (expected or torch.float32)
 
 
 def test_labels_cover_only_the_response(tiny):

@@ -30,7 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="clip:<folder>: the CLIP a V2 release's or LaVIN's visual side was trained with")
     p.add_argument("--skip-visual", action="store_true",
                    help="load a V2 release or LaVIN checkpoint without its visual side (text only)")
-    p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (fp16 only on a GPU)")
+    p.add_argument("--dtype", default="fp32",
+                   help="fp32, bf16 (fp16 only on a GPU) or auto: bf16 where the CPU or GPU runs it natively")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="pack the base model's block linears to int8 or 4-bit weights (docs/quantization.md)")
@@ -516,7 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "LLAMA_ADAPTER_API_KEY)")
     sv.add_argument("--allow-remote-images", action="store_true",
                     help="also read http(s) image URLs and local paths (default: data: URLs only)")
-    sv.add_argument("--dtype", default=None, help="fp32 or bf16 (fp16 only on a GPU)")
+    sv.add_argument("--dtype", default="auto",
+                    help="fp32, bf16 (fp16 only on a GPU) or auto (default): bf16 where the CPU or GPU runs it "
+                         "natively, else fp32")
     sv.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     sv.add_argument("--quantize", default=None, choices=["int8", "int4"],
                     help="pack the base model's linears to int8 or 4-bit weights (docs/quantization.md); V2 and "

@@ -25,12 +25,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
-    """Map a name to a torch dtype; refuse fp16 on a CPU, where it is hundreds of times slower."""
+    """Map a name to a torch dtype; refuse fp16 on a CPU, where it is hundreds of times slower. "auto": bf16
+    where it runs natively (`has_fast_bf16`), else fp32."""
     if dtype is None:
         return torch.float32
+    if dtype == "auto":
+        return torch.bfloat16 if has_fast_bf16(torch.device(device)) else torch.float32
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16, auto")
         dtype = _DTYPES[dtype]
     if dtype == torch.float16 and torch.device(device).type == "cpu":
         raise ValueError(

@@ -145,15 +145,24 @@ class GatedPrefix(nn.Module):
         if self.row_key and rows is None:
             return q.new_zeros(())
         k, v = self.keys_values(attn, q.dtype, ctx)
-        k, v = k.to(q.dtype), v.to(q.dtype)  # under autocast the projections may come out in another dtype
-        B, H, T, d = q.shape
-        G = k.shape[1]
-        # The query heads of a group share their prompt keys: fold them into the rows of one matmul.
-        # (Explicit matmuls: with ~10 keys, CPU SDPA kernels are several times slower, in bf16 most.)
-        qg = q.reshape(B, G, (H // G) * T, d)
-        probs = ((qg @ k.transpose(-1, -2)) * d**-0.5).float().softmax(-1).to(q.dtype)
-        out = (probs @ v).view(B, H, T, d)
+        # under autocast the projections may come out in another dtype
+        out = prompt_attention(q, k.to(q.dtype), v.to(q.dtype))
         gate = self.gate_value().to(q.dtype).view(1, -1, 1, 1)
         if rows is not None:
-            gate = gate * rows.to(q.dtype).view(B, 1, 1, 1)
+            gate = gate * rows.to(q.dtype).view(q.shape[0], 1, 1, 1)
         return gate * out
+
+
+def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q K^T / sqrt(d) + bias) V, ungated: queries [B, H, T, d], prompt keys/values [1 or B, G, K, d],
+    an optional additive fp32 bias [1 or B, 1, 1, K] (masking padded keys)."""
+    B, H, T, d = q.shape
+    G = k.shape[1]
+    # The query heads of a group share their prompt keys: fold them into the rows of one matmul.
+    # (Explicit matmuls: with ~10 keys, CPU SDPA kernels are several times slower, in bf16 most.)
+    qg = q.reshape(B, G, (H // G) * T, d)
+    scores = ((qg @ k.transpose(-1, -2)) * d**-0.5).float()
+    if bias is not None:
+        scores = scores + bias
+    return (scores.softmax(-1).to(q.dtype) @ v).view(B, H, T, d)

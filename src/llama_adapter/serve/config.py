@@ -29,7 +29,7 @@ class ServeConfig:
     max_image_bytes: int = 8 * 2**20
     max_image_pixels: int = 4096 * 4096
     max_images: int = 1  # images per request (each method reads one image per example)
-    dtype: str | None = None
+    dtype: str | None = "auto"  # bf16 where it runs natively (an AMX or AVX512-BF16 CPU, most GPUs), else fp32
     device: str | None = None
     quantize: str | None = None  # int8 or int4: the frozen base's linears packed (docs/quantization.md)
     force: bool = False  # load adapters that name another base model (their tensors must still fit)

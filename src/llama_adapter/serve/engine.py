@@ -12,7 +12,9 @@ the buffer right; columns that no live row uses any more are dropped from the le
 The shared batch runs the bare base with dispatchers in every hook: each dispatcher calls the
 hooks of each row group's own adapter model on that group's rows (V1's gated prompts, LaVIN's
 routed adapters), with the group's prompt keys/values and routing weights from its prefills, so
-rows of different adapters (and of the bare base) share one forward pass of the frozen weights.
+rows of different adapters (and of the bare base) share one forward pass of the frozen weights. When the
+rows belong to several adapters, the dispatchers run the hooks' per-row tensors that serve/merged.py stacks
+once per change of the rows instead: one prompt attention and one adapter per hook, whatever the mix.
 Adapters that change the frozen linears themselves (V2's scales and biases, LoRA) cannot share it:
 they decode in a batch of their own (`shares_base`).
 """
@@ -30,8 +32,10 @@ from ..generate import prepare_prompts
 from ..model.fused import has_module_hooks
 from ..model.llama import AdaptableLinear, Block, ForwardContext, KVCache, LlamaLM
 from ..model.tokenizer import Tokenizer
+from .merged import MergedHooks, merge_hooks
 
 GROUPS = "serve_row_groups"  # extras of the shared batch: the row groups the dispatchers serve
+MERGED = "serve_merged_hooks"  # ... and, for rows of several adapters, their hooks as per-row tensors
 
 
 def shares_base(model: LlamaLM) -> bool:
@@ -125,7 +129,7 @@ class DecodeBatch:
         self._shape = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
         self.k = self.v = torch.empty(0)
         self.valid = torch.empty(0, dtype=torch.bool)
-        self._groups: tuple[list[RowGroup], dict, dict, dict] | None = None
+        self._groups: tuple[list[RowGroup], MergedHooks | None, dict, dict, dict] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -186,6 +190,8 @@ class DecodeBatch:
 
     def remove(self, indices: Sequence[int]) -> None:
         """Drop rows; the last row moves into each hole (one row's copy, not the whole buffer)."""
+        if not indices:
+            return  # most steps: the row groups (and their merged hooks) stay as they are
         for i in sorted(set(indices), reverse=True):
             last = len(self.rows) - 1
             if i != last:
@@ -211,8 +217,9 @@ class DecodeBatch:
         else:
             self._reserve(n, self.length + 1)
 
-    def _row_groups(self) -> tuple[list[RowGroup], dict, dict, dict]:
-        """Per adapter: its rows and hook context; and (when not shared) the whole batch's prefix/state/extras."""
+    def _row_groups(self) -> tuple[list[RowGroup], MergedHooks | None, dict, dict, dict]:
+        """Per adapter: its rows and hook context; for rows of several adapters, their hooks as per-row tensors;
+        and (when not shared) the whole batch's prefix/state/extras."""
         if self._groups is None:
             by_key: dict[str, list[int]] = {}
             for i, r in enumerate(self.rows):
@@ -224,8 +231,9 @@ class DecodeBatch:
                 index = None if len(indices) == len(self.rows) else torch.tensor(indices, device=self.model.device)
                 ctx = ForwardContext(len(rows), KVCache.hook_state(max(self.length, 1), prefix, state), extras)
                 groups.append(RowGroup(rows[0].model, index, ctx))
+            merged = merge_hooks(groups, len(self.rows)) if self.shared and len(groups) > 1 else None
             whole = ({}, {}, {}) if self.shared else _cat_rows(self.rows)
-            self._groups = (groups, *whole)
+            self._groups = (groups, merged, *whole)
         return self._groups
 
     def adapters_in_step(self) -> int:
@@ -237,7 +245,7 @@ class DecodeBatch:
         self._make_room()
         n, col = len(self.rows), self.length
         dev = self.model.device
-        groups, prefix, state, extras = self._row_groups()
+        groups, merged, prefix, state, extras = self._row_groups()
         self.valid[:n, col] = True
         tokens = torch.tensor([r.token for r in self.rows], device=dev)[:, None]
         positions = torch.tensor([r.position for r in self.rows], device=dev)[:, None]
@@ -245,8 +253,9 @@ class DecodeBatch:
         cache.k, cache.v, cache.max_len = self.k[:, :n], self.v[:, :n], self.capacity[1]
         valid = self.valid[:n, :col + 1]
         mask = None if bool(valid.all()) else valid  # no column masked (a lone row): SDPA's unmasked path
-        logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=cache,
-                            extras={GROUPS: groups} if self.shared else extras, output_positions=(slice(None), -1))
+        hooks = {GROUPS: groups, MERGED: merged} if self.shared else extras
+        logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=cache, extras=hooks,
+                            output_positions=(slice(None), -1))
         self.length += 1
         for r in self.rows:
             r.position += 1
@@ -261,6 +270,10 @@ class PrefixDispatch(nn.Module):
         self.layer = layer
 
     def forward(self, attn: nn.Module, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        merged: MergedHooks | None = ctx.extras.get(MERGED)
+        if merged is not None:
+            prompts = merged.prompts.get(self.layer)
+            return q.new_zeros(()) if prompts is None else prompts(q)
         out: torch.Tensor | None = None
         for g in ctx.extras[GROUPS]:
             own = cast(Block, g.model.layers[self.layer]).self_attn
@@ -283,6 +296,10 @@ class AdapterDispatch(nn.Module):
         self.layer, self.slot = layer, slot
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        merged: MergedHooks | None = ctx.extras.get(MERGED)
+        if merged is not None:
+            adapters = merged.adapters.get((self.layer, self.slot))
+            return h if adapters is None else adapters(h)
         out = h
         for g in ctx.extras[GROUPS]:
             own = getattr(g.model.layers[self.layer], self.slot)
