@@ -12,26 +12,24 @@ from safetensors.torch import load_file, save_file
 import llama_adapter as la
 from llama_adapter.data import encode_pair
 from llama_adapter.model.attached import TrainableAdapter, method_is_plain, prepares_inputs, takes_images
-from llama_adapter.model.fastpath import is_plain
 from llama_adapter.train import TrainConfig, Trainer
 
 
 def test_questions_about_an_attached_model(tiny):
     model, tok = tiny
-    assert (takes_images(model), prepares_inputs(model), method_is_plain(model), is_plain(model)) == (
-        False, False, True, True)
+    assert (takes_images(model), prepares_inputs(model), method_is_plain(model)) == (False, False, True)
     la.attach(model, la.AdapterV1Config(prompt_len=2, n_layers=1))
     a = model.adapter
     assert (a.takes_images, a.prepares_inputs, a.plain) == (False, False, False)
-    assert not is_plain(model)
+    assert not method_is_plain(model)
 
 
 def test_a_folded_v2_without_prompts_is_plain_again(tiny):
     model, tok = tiny
     la.attach(model, la.AdapterV2Config(n_layers=0))
-    assert not model.adapter.plain and not is_plain(model)
+    assert not model.adapter.plain and not method_is_plain(model)
     la.fold(model)
-    assert model.adapter.plain and is_plain(model)
+    assert model.adapter.plain and method_is_plain(model)
 
 
 def test_attached_refuses_half_an_input_layout():

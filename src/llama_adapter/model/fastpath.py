@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import compile_worker
-from .attached import method_is_plain
 from .fused import has_module_hooks
 from .llama import BLOCK_LINEARS, AdaptableLinear, Block, KVCache, LlamaLM
 from .quantize import packed_matmul
@@ -246,26 +245,6 @@ def _head_step(x: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor,
     pieces = w.split(HEAD_ROWS_PER_PIECE)
     biases = b.split(HEAD_ROWS_PER_PIECE) if b is not None else [None] * len(pieces)
     return torch.cat([_gemv(h, wp, bp) for wp, bp in zip(pieces, biases)], -1)
-
-
-def is_plain(model: LlamaLM) -> bool:
-    """True when the eager forward is exactly the bare LLaMA computation (no hook of any kind).
-
-    The attached method answers for itself (`plain`, model/attached.py); the model's own hook slots
-    and PyTorch's module hooks are checked too, for modules put there without a method."""
-    if not method_is_plain(model):
-        return False
-    for layer in model.layers:
-        if layer.attn_adapter is not None or layer.ffn_adapter is not None or layer.self_attn.prefix is not None:
-            return False
-    for m in model.modules():
-        if has_module_hooks(m):
-            return False
-        if isinstance(m, AdaptableLinear) and not m.plain:
-            return False
-    from torch.nn.modules import module as _module  # global hooks registered with register_module_forward_hook
-
-    return not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def why_not_compiled(model: LlamaLM) -> str | None:
