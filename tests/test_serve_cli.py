@@ -36,7 +36,7 @@ def test_the_serve_command_answers_then_stops_on_sigterm(tiny_folder, tmp_path):
     la.save_adapter(model, tmp_path / "v1")
     port = _free_port()
     server = _start(["--model", str(tiny_folder), "--adapter", f"v1={tmp_path / 'v1'}", "--port", str(port),
-                     "--max-tokens", "16", "--dtype", "fp32"])
+                     "--max-tokens", "16", "--dtype", "fp32", "--compile"])  # the step is eager in tests (conftest)
     try:
         deadline = time.time() + 120
         while True:

@@ -56,24 +56,13 @@ def _ids(tok, text):
     return tok.encode(tok.chat_prompt([{"role": "user", "content": text}]), add_special_tokens=False)
 
 
-def test_rows_of_different_adapters_joining_at_different_times_decode_as_each_alone(base):
-    """V1, LaVIN (text) and the bare base in one batch; rows join every few steps with prompts of different
-    lengths (the buffer shifts right) and decode past its first 64 columns (it compacts or grows)."""
-    model, tok = base
-    v1 = _acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=3, n_layers=2), tok, 1)
-    v1b = _acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=5, n_layers=3), tok, 2)
-    lavin = _acting(weight_sharing_copy(model), la.LavinConfig(vision=None, rank=4), tok, 3)
-    plain = weight_sharing_copy(model)
-    assert all(shares_base(m) for m in (v1, v1b, lavin, plain))
-    jobs = [(v1, "hello"), (lavin, "what colour is the triangle? the triangle is green. the quick brown fox"),
-            (plain, "a red circle"), (v1b, "the quick brown fox jumps over the lazy dog and more"), (v1, "yes no")]
-    n_new = 70
-    expected = [la.generate(m, tok, text, max_new_tokens=n_new, chat=True)[0] for m, text in jobs]
-    batch = DecodeBatch(install_dispatchers(weight_sharing_copy(model)), shared=True)
+def _decode_together(batch, tok, jobs, n_new, join_every=4):
+    """Greedy: each (model, text) job joins `batch` `join_every` steps after the one before; their texts, the most
+    adapters one step served, and the most tokens one job decoded."""
     tokens: list[list[int]] = [[] for _ in jobs]
     waiting, step, adapters_seen = list(range(len(jobs))), 0, 0
     while waiting or batch.rows:
-        if waiting and step % 4 == 0:
+        if waiting and step % join_every == 0:
             i = waiting.pop(0)
             m, text = jobs[i]
             pre = prefill(m, tok, _ids(tok, text))
@@ -91,10 +80,53 @@ def test_rows_of_different_adapters_joining_at_different_times_decode_as_each_al
                     done.append(j)
             batch.remove(done)
         step += 1
-    got = [tok.decode([t for t in ts if t not in tok.eos_ids]) for ts in tokens]
+    texts = [tok.decode([t for t in ts if t not in tok.eos_ids]) for ts in tokens]
+    return texts, adapters_seen, max(len(t) for t in tokens)
+
+
+def test_rows_of_different_adapters_joining_at_different_times_decode_as_each_alone(base):
+    """V1, LaVIN (text) and the bare base in one batch; rows join every few steps with prompts of different
+    lengths (the buffer shifts right) and decode past its first 64 columns (it compacts or grows)."""
+    model, tok = base
+    v1 = _acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=3, n_layers=2), tok, 1)
+    v1b = _acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=5, n_layers=3), tok, 2)
+    lavin = _acting(weight_sharing_copy(model), la.LavinConfig(vision=None, rank=4), tok, 3)
+    plain = weight_sharing_copy(model)
+    assert all(shares_base(m) for m in (v1, v1b, lavin, plain))
+    jobs = [(v1, "hello"), (lavin, "what colour is the triangle? the triangle is green. the quick brown fox"),
+            (plain, "a red circle"), (v1b, "the quick brown fox jumps over the lazy dog and more"), (v1, "yes no")]
+    n_new = 70
+    expected = [la.generate(m, tok, text, max_new_tokens=n_new, chat=True)[0] for m, text in jobs]
+    batch = DecodeBatch(install_dispatchers(weight_sharing_copy(model)), shared=True)
+    got, adapters_seen, longest = _decode_together(batch, tok, jobs, n_new)
     assert got == expected
     assert adapters_seen >= 3  # the rows really shared steps
-    assert max(len(t) for t in tokens) > 64 - len(_ids(tok, "hello"))  # decoded past the first buffer
+    assert longest > 64 - len(_ids(tok, "hello"))  # decoded past the first buffer
+
+
+def test_with_compile_a_lone_row_decodes_on_its_adapters_compiled_step(base, monkeypatch, tmp_path):
+    """serve --compile: a lone sequence of one adapter decodes on that adapter's compiled step over the batch's
+    buffers once its background compile is done, with the eager tokens; a second adapter joining sends the batch
+    back to the eager step."""
+    from llama_adapter.model.fastpath import compiled_decode_of
+
+    model, tok = base
+    v1 = _acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=3, n_layers=2), tok, 1)
+    lavin = _acting(weight_sharing_copy(model), la.LavinConfig(vision=None, rank=4), tok, 3)
+    jobs = [(v1, "hello"), (lavin, "a red circle")]
+    expected = [la.generate(m, tok, text, max_new_tokens=16, chat=True)[0] for m, text in jobs]  # eager (conftest)
+    monkeypatch.setenv("LLAMA_ADAPTER_FAST_DECODE", "1")  # the default fast path, with an inductor cache of its own
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    batch = DecodeBatch(install_dispatchers(weight_sharing_copy(model)), shared=True, compiled=True)
+    assert _decode_together(batch, tok, jobs[:1], 16)[0] == expected[:1]  # eager while the worker compiles
+    state = compiled_decode_of(v1)
+    assert state is not None and state.wait(300) and state.failed is None
+    before = state.compiled_steps
+    assert _decode_together(batch, tok, jobs[:1], 16)[0] == expected[:1]
+    assert state.compiled_steps - before == 15  # every step after the prefill's token
+    before = state.compiled_steps
+    assert _decode_together(batch, tok, jobs, 16, join_every=3)[0] == expected
+    assert 0 < state.compiled_steps - before < 15  # alone for its first 3 steps, in a mixed batch after them
 
 
 def test_a_mixed_batch_runs_its_hooks_as_per_row_tensors_equal_to_each_adapters_own(base, monkeypatch):

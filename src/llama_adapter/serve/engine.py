@@ -17,6 +17,10 @@ rows belong to several adapters, the dispatchers run the hooks' per-row tensors 
 once per change of the rows instead: one prompt attention and one adapter per hook, whatever the mix.
 Adapters that change the frozen linears themselves (V2's scales and biases, LoRA) cannot share it:
 they decode in a batch of their own (`shares_base`).
+
+With `compiled` (`serve --compile`), a batch of one row decodes on its adapter's compiled step (model/fastpath.py:
+la.generate's default on a CPU, compiled in the background while the row decodes eagerly), over the batch's own
+buffers; batches of more rows decode eagerly.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from ..generate import prepare_prompts
+from ..model.fastpath import default_decode
 from ..model.fused import has_module_hooks
 from ..model.llama import AdaptableLinear, Block, ForwardContext, KVCache, LlamaLM
 from ..model.tokenizer import Tokenizer
@@ -120,9 +125,11 @@ def _cat_rows(rows: Sequence[Row]) -> tuple[dict, dict, dict]:
 class DecodeBatch:
     """The running sequences of one model (the shared base, or one adapter that cannot share it)."""
 
-    def __init__(self, model: LlamaLM, shared: bool):
+    def __init__(self, model: LlamaLM, shared: bool, compiled: bool = False):
         self.model = model
         self.shared = shared  # dispatchers in the hooks (install_dispatchers); else the rows' own model
+        self.compiled = compiled  # one or two rows of one adapter on its compiled step, where it applies
+        self._fast: tuple[Any, ...] | None = None  # what the compiled step's cache was made for, and the cache
         self.rows: list[Row] = []
         self.length = 0  # columns in use; every row's newest token is in column length - 1
         cfg = model.config
@@ -201,8 +208,11 @@ class DecodeBatch:
                 self.valid[i, cols] = self.valid[last, cols]
                 self.rows[i] = self.rows[last]
             self.rows.pop()
-        if not self.rows:
+        if not self.rows:  # the buffers go: their memory returns, and the next rows start at the usual shapes
             self.length = 0
+            self.k = self.v = torch.empty(0)
+            self.valid = torch.empty(0, dtype=torch.bool)
+            self._fast = None
         self._groups = None
 
     def _make_room(self) -> None:
@@ -251,15 +261,42 @@ class DecodeBatch:
         positions = torch.tensor([r.position for r in self.rows], device=dev)[:, None]
         cache = KVCache.hook_state(col, prefix, state)
         cache.k, cache.v, cache.max_len = self.k[:, :n], self.v[:, :n], self.capacity[1]
-        valid = self.valid[:n, :col + 1]
-        mask = None if bool(valid.all()) else valid  # no column masked (a lone row): SDPA's unmasked path
-        hooks = {GROUPS: groups, MERGED: merged} if self.shared else extras
-        logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=cache, extras=hooks,
-                            output_positions=(slice(None), -1))
+        logits = self._compiled_step(groups, prefix, state, extras, tokens, positions) if self.compiled else None
+        if logits is None:
+            valid = self.valid[:n, :col + 1]
+            mask = None if bool(valid.all()) else valid  # no column masked (a lone row): SDPA's unmasked path
+            hooks = {GROUPS: groups, MERGED: merged} if self.shared else extras
+            logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=cache, extras=hooks,
+                                output_positions=(slice(None), -1))
         self.length += 1
         for r in self.rows:
             r.position += 1
         return logits
+
+    def _compiled_step(self, groups: list[RowGroup], prefix: dict, state: dict, extras: dict,
+                       tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The step of a lone row on the compiled graph of its model, writing into the batch's buffers; None where it
+        does not apply (more rows: a batch's eager step is as fast or faster, and every batch size would be another
+        graph to compile; or the graph is not compiled yet)."""
+        n, cols = len(self.rows), self.capacity[1]
+        if n != 1:
+            return None
+        group = groups[0]
+        model = group.model if self.shared else self.model
+        fast = default_decode(model)
+        if fast is None or not fast.usable(cols, n):
+            return None
+        made_for = (groups, self.k, n)
+        if self._fast is None or any(a is not b for a, b in zip(self._fast[:3], made_for)):
+            hooks = group.ctx.cache if self.shared else KVCache.hook_state(cols, prefix, state)
+            cache = KVCache.hook_state(cols, cast(KVCache, hooks).prefix, cast(KVCache, hooks).state)
+            cache.k, cache.v = self.k[:, :n], self.v[:, :n]  # one graph per buffer: the step caches its inputs
+            self._fast = (*made_for, cache)
+        cache = self._fast[3]
+        cache.length, cache.max_len = self.length, cols
+        key_valid = self.valid[:n, :cols].clone()
+        key_valid[:, self.length + 1:] = False  # columns past the step's may hold what earlier rows left there
+        return fast.step(tokens[:, 0], positions[:, 0], cache, key_valid, group.ctx.extras if self.shared else extras)
 
 
 class PrefixDispatch(nn.Module):

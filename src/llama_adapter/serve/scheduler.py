@@ -68,14 +68,14 @@ class QueueFull(Exception):
 
 class Scheduler:
     def __init__(self, base: LlamaLM, tok: Tokenizer, served: dict[str, ServedModel], max_batch: int,
-                 max_queue: int, metrics: Metrics, tok_lock: threading.Lock):
+                 max_queue: int, metrics: Metrics, tok_lock: threading.Lock, compiled: bool = False):
         self.tok, self.max_batch, self.max_queue = tok, max_batch, max_queue
         self.metrics, self.tok_lock = metrics, tok_lock
-        self.batches: dict[str, DecodeBatch] = {SHARED: DecodeBatch(install_dispatchers(weight_sharing_copy(base)),
-                                                                    shared=True)}
+        shared = install_dispatchers(weight_sharing_copy(base))
+        self.batches: dict[str, DecodeBatch] = {SHARED: DecodeBatch(shared, shared=True, compiled=compiled)}
         for s in served.values():
             if s.batch != SHARED:
-                self.batches[s.batch] = DecodeBatch(s.model, shared=False)
+                self.batches[s.batch] = DecodeBatch(s.model, shared=False, compiled=compiled)
         self.waiting: deque[Job] = deque()
         self.cond = threading.Condition()
         self.stopping = False

@@ -27,7 +27,8 @@ class Server:
         self.aliases = {a: BASE for a in base_aliases(cfg)}
         self.metrics = Metrics()
         self.tok_lock = threading.Lock()  # one tokenizer, used by request handlers and the scheduler thread
-        self.scheduler = Scheduler(base, tok, served, cfg.max_batch, cfg.max_queue, self.metrics, self.tok_lock)
+        self.scheduler = Scheduler(base, tok, served, cfg.max_batch, cfg.max_queue, self.metrics, self.tok_lock,
+                                   compiled=cfg.compile)
 
     @classmethod
     def load(cls, cfg: ServeConfig) -> Server:
