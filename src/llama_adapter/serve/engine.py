@@ -128,7 +128,7 @@ class DecodeBatch:
     def __init__(self, model: LlamaLM, shared: bool, compiled: bool = False):
         self.model = model
         self.shared = shared  # dispatchers in the hooks (install_dispatchers); else the rows' own model
-        self.compiled = compiled  # one or two rows of one adapter on its compiled step, where it applies
+        self.compiled = compiled  # a lone row on its adapter's compiled step, where it applies
         self._fast: tuple[Any, ...] | None = None  # what the compiled step's cache was made for, and the cache
         self.rows: list[Row] = []
         self.length = 0  # columns in use; every row's newest token is in column length - 1
@@ -286,13 +286,13 @@ class DecodeBatch:
         fast = default_decode(model)
         if fast is None or not fast.usable(cols, n):
             return None
-        made_for = (groups, self.k, n)
-        if self._fast is None or any(a is not b for a, b in zip(self._fast[:3], made_for)):
+        made_for = (groups, self.k)  # the row and the buffer: a new cache (and inputs of the step) when either changes
+        if self._fast is None or any(a is not b for a, b in zip(self._fast[:2], made_for)):
             hooks = group.ctx.cache if self.shared else KVCache.hook_state(cols, prefix, state)
             cache = KVCache.hook_state(cols, cast(KVCache, hooks).prefix, cast(KVCache, hooks).state)
-            cache.k, cache.v = self.k[:, :n], self.v[:, :n]  # one graph per buffer: the step caches its inputs
+            cache.k, cache.v = self.k[:, :n], self.v[:, :n]
             self._fast = (*made_for, cache)
-        cache = self._fast[3]
+        cache = self._fast[2]
         cache.length, cache.max_len = self.length, cols
         key_valid = self.valid[:n, :cols].clone()
         key_valid[:, self.length + 1:] = False  # columns past the step's may hold what earlier rows left there
