@@ -45,7 +45,7 @@ def fixed_length_examples(n: int = 8, length: int = 24, seed: int = 0) -> list[E
     return out
 
 
-def train(folder, out_dir, compile: bool, data, n_layers: int = 4, **kw):
+def train(folder, out_dir, compile: bool | str, data, n_layers: int = 4, **kw):
     torch.manual_seed(0)
     model, _ = la.load_pretrained(folder)
     la.attach(model, la.AdapterV1Config(prompt_len=4, n_layers=n_layers))
@@ -124,9 +124,11 @@ def test_compiled_step_with_varying_lengths_bf16_and_checkpointing(folder, tmp_p
 
 
 @pytest.mark.slow
-def test_compiled_lavin_step_draws_the_eager_dropout(folder, tmp_path):
+@pytest.mark.parametrize("method", ["lavin", "v1"])
+def test_compiled_multimodal_step_matches_eager(folder, tmp_path, method):
     """LaVIN's adapters use dropout in training: the compiled step draws the eager masks (fallback_random),
-    so its losses are the eager run's, with images and without."""
+    so its losses are the eager run's, with images and without; V1 multimodal's prompts carry each example's
+    visual features into the blocks (train.compile: auto compiles the long runs of its recipe)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     clip = tmp_path / "clip"
@@ -143,15 +145,18 @@ def test_compiled_lavin_step_draws_the_eager_dropout(folder, tmp_path):
     def run(compile: bool) -> list[float]:
         torch.manual_seed(0)
         model, tok = la.load_pretrained(folder)
-        la.attach(model, la.LavinConfig(vision=f"clip:{clip}", dropout=0.5), tokenizer=tok)
+        if method == "lavin":
+            la.attach(model, la.LavinConfig(vision=f"clip:{clip}", dropout=0.5), tokenizer=tok)
+        else:
+            la.attach(model, la.AdapterV1Config(prompt_len=4, n_layers=2, vision=f"clip:{clip}"), tokenizer=tok)
         answer = tok.encode(" red circle", add_special_tokens=False) + [2]
         examples = []
         for i, text in enumerate(["what colour is it?", "what shape is it?", "hello world", "how are you today?"]):
             p = tok.encode(text)
             examples.append(MultimodalExample(p + answer, [IGNORE] * len(p) + answer, pictures[i] if i < 2 else None,
                                               f"r{i}"))
-        cfg = TrainConfig(out_dir=str(tmp_path / f"run-{compile}"), max_steps=STEPS, batch_size=4, lr=1e-2,
-                          progress=False, compile=compile)
+        cfg = TrainConfig(out_dir=str(tmp_path / f"run-{compile}"), max_steps=STEPS, batch_size=4,
+                          lr=1e-2 if method == "lavin" else 1e-1, progress=False, compile=compile)
         trainer = Trainer(model, cfg, {"vqa": examples}, collate_fn=lambda ex: collate_multimodal(ex, tok.pad_id))
         trainer.fit()
         assert compile is (trainer.compiled is not None and trainer.compiled.enabled)
@@ -216,13 +221,39 @@ def test_an_error_of_the_step_itself_is_raised_not_blamed_on_compiling(folder, t
 
 
 def test_compile_option_is_validated_and_set_from_recipes():
-    assert TrainConfig().compile is False
+    assert TrainConfig().compile == "auto"
     assert load_recipe(None, ["train.compile=true"]).train.compile is True
     assert load_recipe(None, ["train.compile=false"]).train.compile is False
+    assert load_recipe(None, ["train.compile=auto"]).train.compile == "auto"
     for bad in ("maybe", "1"):
-        with pytest.raises(ValueError, match="compile must be true or false"):
+        with pytest.raises(ValueError, match="compile must be true, false or auto"):
             load_recipe(None, [f"train.compile={bad}"])
-    with pytest.raises(ValueError, match="compile must be true or false"):
-        TrainConfig(compile="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="compile must be true, false or auto"):
+        TrainConfig(compile="yes")
     with pytest.raises(ValueError, match="unknown key.*compiled"):
         load_recipe(None, ["train.compiled=true"])
+
+
+def test_auto_compiles_after_a_few_eager_steps_only_where_the_rest_of_the_run_pays_for_it(one_layer, tmp_path,
+                                                                                          monkeypatch):
+    """train.compile: auto (the default): the first steps run eagerly; then the blocks are compiled if what the
+    remaining steps would save exceeds a cold compile's wait."""
+    from llama_adapter.train import trainer as trainer_module
+    from llama_adapter.train.compiled import AUTO_EAGER_STEPS, compile_pays_off
+
+    assert not compile_pays_off(0.29, 156)  # the demo: 160 steps of about 0.29 s stay eager
+    assert compile_pays_off(1.0, 1400)  # the synthetic-images recipe: 1,400 steps of about 1 s compile
+    torch._dynamo.reset()
+    data = fixed_length_examples()
+    steps = AUTO_EAGER_STEPS + 2
+    short, eager_losses, eager_weights = train(one_layer, tmp_path / "short", "auto", data, n_layers=1,
+                                               max_steps=steps)
+    assert short.compiled is None  # 2 steps left pay for nothing
+    monkeypatch.setattr(trainer_module, "compile_pays_off", lambda seconds, left: left > 0)  # as a long run would
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn: the test must compile
+        long, losses, weights = train(one_layer, tmp_path / "long", "auto", data, n_layers=1, max_steps=steps)
+    assert long.compiled is not None and long.compiled.enabled and long.compiled.compile_seconds
+    assert losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)  # eager steps, then compiled ones
+    for n, w in weights.items():
+        torch.testing.assert_close(w, eager_weights[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -21,6 +21,13 @@ Graphs are made on first use: the first step waits for them (tens of seconds on 
 on-disk cache makes later processes faster), and a batch of a new length compiles once more with
 that dimension dynamic (dynamo's automatic dynamic shapes). Any failure to compile makes the
 trainer warn once and redo that step eagerly, then stay eager.
+
+`train.compile: auto` (the default) keeps the first steps eager, so that no run waits for graphs at
+its start, and compiles from the next step once `AUTO_EAGER_STEPS` steps show that the rest of the run
+saves more than a cold compile costs (`compile_pays_off`): a short run (the demo's 160 steps of 0.3 s)
+stays eager, one with more than about 7 minutes of eager steps left pays ~30 s (twice, with varying
+lengths) for steps ~1.3x faster. Only on a CPU in one process, where the
+speed-up was measured (docs/benchmarks.md "Training step"); elsewhere `auto` trains eagerly.
 """
 
 from __future__ import annotations
@@ -39,6 +46,19 @@ from ..model.llama import Block, LlamaLM
 # graphs per compiled function in one process: block layouts x gradient needs x static/dynamic lengths x
 # data kinds, and every model a process trains (dynamo's default limit is 8, after which it runs eagerly)
 RECOMPILE_LIMIT = 256
+# train.compile: auto. The compiled step measured 1.32-1.40x the eager one on 2-core CPUs and its first step
+# waited ~31 s on an empty inductor cache (bench/results/train_compile.md); a run whose batches vary in length
+# compiles once more (dynamic lengths). The decision assumes less speed-up and a longer wait than that, so that
+# a run it compiles is faster overall.
+AUTO_SPEEDUP = 1.25
+AUTO_COMPILE_SECONDS = 90.0
+AUTO_EAGER_STEPS = 4  # eager steps timed before deciding; the first (allocations, cold caches) is not counted
+
+
+def compile_pays_off(step_seconds: float, steps_left: int, speedup: float = AUTO_SPEEDUP,
+                     compile_seconds: float = AUTO_COMPILE_SECONDS) -> bool:
+    """Whether compiling now shortens the run: what the remaining steps would save against the compile's wait."""
+    return steps_left * step_seconds * (1 - 1 / speedup) > compile_seconds
 
 
 def _block_forward(block: Block, *args: Any) -> torch.Tensor:

@@ -42,9 +42,11 @@ class TrainConfig:
     # under torchrun: "fsdp" shards the frozen base's decoder blocks across the ranks (FSDP2); "none" replicates it
     shard: str = "none"
     activation_checkpointing: bool = False  # recompute each decoder block in backward: less memory, ~1/3 more compute
-    # torch.compile the decoder blocks' forward and backward in training steps (train/compiled.py); the first
-    # step waits for the graphs; a failure to compile warns and trains eagerly
-    compile: bool = False
+    # torch.compile the decoder blocks' forward and backward in training steps (train/compiled.py): true (the
+    # first step waits for the graphs), false, or "auto": on one CPU process, compile once a few eager steps show
+    # that the rest of the run saves more than the compile costs (`compile_pays_off`). A failure to compile warns
+    # and trains eagerly.
+    compile: bool | str = "auto"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -54,8 +56,8 @@ class TrainConfig:
             raise ValueError(f"base_dtype must be one of {BASE_DTYPES}, got {self.base_dtype!r}")
         if self.shard not in SHARDING:
             raise ValueError(f"shard must be one of {SHARDING}, got {self.shard!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.compile, bool) and self.compile != "auto":
+            raise ValueError(f"compile must be true, false or auto, got {self.compile!r}")
         for name in ("batch_size", "grad_accum", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -33,7 +33,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .compiled import CompiledBlocks, compile_unsupported
+from .compiled import AUTO_EAGER_STEPS, CompiledBlocks, compile_pays_off, compile_unsupported
 from .config import TrainConfig
 from .distributed import Dist, all_sum, barrier, init_from_env, shard_frozen_base, sum_gradients
 from .faults import (
@@ -129,6 +129,9 @@ class Trainer:
         self.params = self.adapter.trainable_parameters(model)
         self._place_model()
         self.compiled = self._compiled_blocks()
+        # train.compile: auto: the eager steps' times until the decision (None: no decision to make)
+        auto = cfg.compile == "auto" and self.device.type == "cpu" and self.dist.world == 1
+        self.eager_step_seconds: list[float] | None = [] if auto else None
         self.mix = self._mix()
         self.data_ids = {k: data_fingerprint(v) for k, v in self.train_sets.items()}
         self.samplers = {k: BatchSampler(len(v), cfg.batch_size, cfg.seed + i, self.dist)
@@ -166,7 +169,7 @@ class Trainer:
 
     def _compiled_blocks(self) -> CompiledBlocks | None:
         """train.compile: the decoder blocks' compiled forward (and backward) for training steps."""
-        if not self.cfg.compile:
+        if self.cfg.compile is not True:  # false, or auto: decided after a few eager steps (_decide_compile)
             return None
         why_not = compile_unsupported(self.cfg.shard)
         if why_not is not None:
@@ -291,8 +294,8 @@ class Trainer:
         if compiled is None or not compiled.enabled:
             return self._accumulate(batches, label_tokens, contextlib.nullcontext)
         if compiled.compile_seconds is None and self.dist.main and self.cfg.progress:
-            print("train.compile: compiling the decoder blocks on the first step (forward and backward; tens of "
-                  "seconds on a CPU)", flush=True)
+            print("train.compile: compiling the decoder blocks in this step (forward and backward; tens of "
+                  "seconds on a CPU, once)", flush=True)
         rng = rng_state()  # a failed compile redoes the step eagerly, with the same random draws
         try:
             with compiled.step():
@@ -386,7 +389,10 @@ class Trainer:
 
     def _one_step(self, bar: Any, t0: float, tokens_done: int) -> tuple[int, float | None]:
         """One step with its log record, progress bar, evaluation and checkpoint: (tokens so far, its loss)."""
+        started = time.perf_counter()
         rec = self.train_step()
+        if self.eager_step_seconds is not None:
+            self._decide_compile(time.perf_counter() - started)
         elapsed = time.perf_counter() - t0
         tokens_done += rec["tokens"]
         rec.update(tok_per_s=tokens_done / elapsed, elapsed=round(elapsed, 3))
@@ -404,6 +410,23 @@ class Trainer:
         if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
             self.save()
         return tokens_done, rec.get("loss")
+
+    def _decide_compile(self, seconds: float) -> None:
+        """train.compile: auto: after the first eager steps, compile the blocks if the rest of the run pays for it."""
+        times = self.eager_step_seconds
+        assert times is not None
+        times.append(seconds)
+        if len(times) < AUTO_EAGER_STEPS:
+            return
+        self.eager_step_seconds = None  # decided once
+        step_seconds = sorted(times[1:])[(len(times) - 1) // 2]  # the median, the first step left out
+        left = self.total_steps - self.step
+        if not compile_pays_off(step_seconds, left):
+            return
+        self.compiled = CompiledBlocks(self.model)
+        if self.cfg.progress:
+            print(f"train.compile: auto: {left} steps left at {step_seconds:.2f} s each, enough to pay for compiling",
+                  flush=True)
 
     def _skipped(self, rec: dict[str, Any]) -> None:
         """Log a step skipped for a non-finite loss or gradient; too many in a row stop the run."""
