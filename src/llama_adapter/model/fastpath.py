@@ -58,6 +58,7 @@ _ATTR = "_compiled_decode"
 DEFAULT_MAX_ROWS = 2
 ENV_SWITCH = "LLAMA_ADAPTER_FAST_DECODE"  # "0" / "off" / "false": no default fast path in this process
 MAX_BLOCKS_PER_GRAPH = 10
+ADAPTER_SLOTS = ("attn_adapter", "ffn_adapter")  # a Block's routed-adapter hooks (LaVIN), before attention and FFN
 RECOMPILE_LIMIT = 256  # graphs per compiled function in one process (dynamo's default: 8)
 # The background compile's command (imported rather than run as __main__, so that the job's classes unpickle)
 WORKER = [sys.executable, "-c", f"import sys; from {compile_worker.__name__} import main; sys.exit(main())"]
@@ -186,16 +187,23 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
                 t["q" + name] = cast(Any, lin.quantized).terms()
             if isinstance(lin, AdaptableLinear):
                 t["db" + name], t["s" + name] = lin.delta_bias, lin.scale
-    attn = layer.self_attn
-    if attn.prefix is not None:
-        terms = cast(Any, attn.prefix).decode_terms(attn, cache, extras)
-        if terms is not None:
-            t["prefix_k"], t["prefix_v"], t["prefix_gate"] = terms
-    for slot in ("attn_adapter", "ffn_adapter"):
-        adapter = getattr(layer, slot)
-        if adapter is not None:
-            t[slot] = cast(Any, adapter).decode_terms(cache, rows)
+    prefix, adapters = hook_terms(layer, cache, extras, rows)
+    if prefix is not None:
+        t["prefix_k"], t["prefix_v"], t["prefix_gate"] = prefix
+    t.update(adapters)
     return t
+
+
+def hook_terms(layer: Block, cache: KVCache, extras: dict[str, Any],
+               rows: int) -> tuple[tuple | None, dict[str, dict[str, Any]]]:
+    """What the block's hooks add to a decode step after the prefill, from their `decode_terms`: the gated prefix's
+    keys, values and gates (None where it adds nothing to these rows), and each routed adapter's tensors by slot.
+    Used by the compiled step and by the server's mixed batches (serve/merged.py)."""
+    attn = layer.self_attn
+    prefix = None if attn.prefix is None else cast(Any, attn.prefix).decode_terms(attn, cache, extras)
+    adapters = {slot: cast(Any, getattr(layer, slot)).decode_terms(cache, rows)
+                for slot in ADAPTER_SLOTS if getattr(layer, slot) is not None}
+    return prefix, adapters
 
 
 def head_terms(model: LlamaLM) -> tuple | None:
@@ -217,7 +225,7 @@ def _uniform(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "prefix_k" not in t and any("prefix_k" in u for u in layers):
             t["prefix_k"], t["prefix_v"] = torch.zeros_like(like("prefix_k")), torch.zeros_like(like("prefix_v"))
             t["prefix_gate"] = torch.zeros_like(like("prefix_gate"))
-        for slot in ("attn_adapter", "ffn_adapter"):
+        for slot in ADAPTER_SLOTS:
             if slot not in t and any(slot in u for u in layers):
                 t[slot] = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
                            for k, v in like(slot).items()}

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..generate import prepare_prompts
-from ..model.fastpath import default_decode
+from ..model.fastpath import ADAPTER_SLOTS, default_decode
 from ..model.fused import has_module_hooks
 from ..model.llama import AdaptableLinear, Block, ForwardContext, KVCache, LlamaLM
 from ..model.tokenizer import Tokenizer
@@ -259,10 +259,10 @@ class DecodeBatch:
         self.valid[:n, col] = True
         tokens = torch.tensor([r.token for r in self.rows], device=dev)[:, None]
         positions = torch.tensor([r.position for r in self.rows], device=dev)[:, None]
-        cache = KVCache.hook_state(col, prefix, state)
-        cache.k, cache.v, cache.max_len = self.k[:, :n], self.v[:, :n], self.capacity[1]
-        logits = self._compiled_step(groups, prefix, state, extras, tokens, positions) if self.compiled else None
+        logits = self._compiled_step(groups[0], tokens, positions) if self.compiled and n == 1 else None
         if logits is None:
+            cache = KVCache.hook_state(col, prefix, state)
+            cache.k, cache.v, cache.max_len = self.k[:, :n], self.v[:, :n], self.capacity[1]
             valid = self.valid[:n, :col + 1]
             mask = None if bool(valid.all()) else valid  # no column masked (a lone row): SDPA's unmasked path
             hooks = {GROUPS: groups, MERGED: merged} if self.shared else extras
@@ -273,30 +273,26 @@ class DecodeBatch:
             r.position += 1
         return logits
 
-    def _compiled_step(self, groups: list[RowGroup], prefix: dict, state: dict, extras: dict,
-                       tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-        """The step of a lone row on the compiled graph of its model, writing into the batch's buffers; None where it
-        does not apply (more rows: a batch's eager step is as fast or faster, and every batch size would be another
-        graph to compile; or the graph is not compiled yet)."""
-        n, cols = len(self.rows), self.capacity[1]
-        if n != 1:
+    def _compiled_step(self, group: RowGroup, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The step of a lone row (its group's hook context) on the compiled graph of its model, writing into the
+        batch's buffers; None where it does not apply (the graph is not compiled yet, or cannot serve this model).
+        Batches of more rows stay eager: there the batched eager step is as fast or faster, and every batch size
+        would be another graph to compile."""
+        cols = self.capacity[1]
+        fast = default_decode(group.model if self.shared else self.model)
+        if fast is None or not fast.usable(cols, 1):
             return None
-        group = groups[0]
-        model = group.model if self.shared else self.model
-        fast = default_decode(model)
-        if fast is None or not fast.usable(cols, n):
-            return None
-        made_for = (groups, self.k)  # the row and the buffer: a new cache (and inputs of the step) when either changes
+        made_for = (group, self.k)  # the row and the buffer: a new cache (and inputs of the step) when either changes
         if self._fast is None or any(a is not b for a, b in zip(self._fast[:2], made_for)):
-            hooks = group.ctx.cache if self.shared else KVCache.hook_state(cols, prefix, state)
-            cache = KVCache.hook_state(cols, cast(KVCache, hooks).prefix, cast(KVCache, hooks).state)
-            cache.k, cache.v = self.k[:, :n], self.v[:, :n]
+            hooks = cast(KVCache, group.ctx.cache)
+            cache = KVCache.hook_state(cols, hooks.prefix, hooks.state)
+            cache.k, cache.v = self.k[:, :1], self.v[:, :1]
             self._fast = (*made_for, cache)
         cache = self._fast[2]
         cache.length, cache.max_len = self.length, cols
-        key_valid = self.valid[:n, :cols].clone()
+        key_valid = self.valid[:1, :cols].clone()
         key_valid[:, self.length + 1:] = False  # columns past the step's may hold what earlier rows left there
-        return fast.step(tokens[:, 0], positions[:, 0], cache, key_valid, group.ctx.extras if self.shared else extras)
+        return fast.step(tokens[:, 0], positions[:, 0], cache, key_valid, group.ctx.extras)
 
 
 class PrefixDispatch(nn.Module):
@@ -355,6 +351,6 @@ def install_dispatchers(model: LlamaLM) -> LlamaLM:
     for i, layer in enumerate(model.layers):
         block = cast(Block, layer)
         block.self_attn.prefix = PrefixDispatch(i)
-        block.attn_adapter = AdapterDispatch(i, "attn_adapter")
-        block.ffn_adapter = AdapterDispatch(i, "ffn_adapter")
+        for slot in ADAPTER_SLOTS:
+            setattr(block, slot, AdapterDispatch(i, slot))
     return model

@@ -19,10 +19,8 @@ from typing import Any, cast
 import torch
 
 from ..methods.prefix import prompt_attention
-from ..model.fastpath import decodes_fast
+from ..model.fastpath import ADAPTER_SLOTS, decodes_fast, hook_terms
 from ..model.llama import Block
-
-SLOTS = ("attn_adapter", "ffn_adapter")
 
 
 @dataclass
@@ -114,22 +112,17 @@ def merge_hooks(groups: Sequence[Any], n: int) -> MergedHooks | None:
     adapters: dict[tuple[int, str], RowAdapters] = {}
     for i in range(layers):
         prompt_entries = []
-        slot_entries: dict[str, list] = {slot: [] for slot in SLOTS}
+        slot_entries: dict[str, list] = {slot: [] for slot in ADAPTER_SLOTS}
         for g in groups:
             block = cast(Block, g.model.layers[i])
-            attn = block.self_attn
-            if attn.prefix is not None:
-                if not decodes_fast(attn.prefix):
-                    return None
-                terms = cast(Any, attn.prefix).decode_terms(attn, g.ctx.cache, g.ctx.extras)
-                if terms is not None:
-                    prompt_entries.append((g.rows, terms))
-            for slot in SLOTS:
-                adapter = getattr(block, slot)
-                if adapter is not None:
-                    if not decodes_fast(adapter):
-                        return None
-                    slot_entries[slot].append((g.rows, cast(Any, adapter).decode_terms(g.ctx.cache, len(g.rows))))
+            hooks = [block.self_attn.prefix, *(getattr(block, slot) for slot in ADAPTER_SLOTS)]
+            if not all(decodes_fast(h) for h in hooks if h is not None):
+                return None
+            prefix, terms = hook_terms(block, g.ctx.cache, g.ctx.extras, len(g.rows))
+            if prefix is not None:
+                prompt_entries.append((g.rows, prefix))
+            for slot, t in terms.items():
+                slot_entries[slot].append((g.rows, t))
         if prompt_entries:
             prompts[i] = _prompts(prompt_entries, n)
         for slot, entries in slot_entries.items():
