@@ -1,7 +1,8 @@
 """The quantized frozen base on the embedded SmolLM2-135M: memory, decode speed, held-out NLL.
 
-For fp32, bf16, int8 and int4 (the quantized bases are loaded in bf16; their embedding/head is int8, their
-norms bf16): the loaded model's tensor bytes; batch-1 and batch-8 greedy decode tokens/s through `la.generate`
+For fp32, bf16, int8 and int4 (the quantized bases are loaded in bf16; their embedding/head table is of their
+kind, or int8 where a 4-bit table's rows cannot be read back on this CPU: column "table"; norms bf16): the
+loaded model's tensor bytes; batch-1 and batch-8 greedy decode tokens/s through `la.generate`
 (contenders alternate round by round, one warm-up each, medians); the held-out Alpaca response NLL
 (`llama_adapter.eval.nll`, docs/evaluation.md) of the base; optionally a V1 adapter trained briefly on the
 bf16 and on the int8 base (`--v1-steps`). The plain rows decode eagerly (the default compiled step switched
@@ -43,6 +44,12 @@ def model_bytes(model: torch.nn.Module) -> int:
     for t in [*model.parameters(), *model.buffers()]:
         seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
     return sum(seen.values())
+
+
+def table_kind(model: torch.nn.Module) -> str:
+    """The embedding/head table's storage: its quantized kind, or the float dtype."""
+    table = getattr(model.lm_head, "table", None)
+    return table.kind if table is not None else str(model.lm_head.weight.dtype).removeprefix("torch.")
 
 
 def load(kind: str) -> tuple[la.LlamaLM, Any]:
@@ -107,7 +114,8 @@ def main() -> None:
     kinds = ["fp32", "bf16", "int8", "int4"] + (["bf16-compiled", "int8-compiled", "int4-compiled"]
                                                 if args.compiled else [])
     models = {k: load(k) for k in kinds}
-    rows: dict[str, dict[str, Any]] = {k: {"bytes": model_bytes(m)} for k, (m, _) in models.items()}
+    rows: dict[str, dict[str, Any]] = {k: {"bytes": model_bytes(m), "table": table_kind(m)}
+                                       for k, (m, _) in models.items()}
     held = held_out_alpaca(ALPACA / "alpaca_data_1k.json", ALPACA / "alpaca_small_2k.json", args.nll_records)
     for k in ("fp32", "bf16", "int8", "int4"):
         m, tok = models[k]
@@ -166,12 +174,14 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [f"# Quantized base: SmolLM2-135M ({m['cpu']}, {m['torch_threads']} threads, torch {m['torch']})", "",
              f"`{m['command']}` on {m['date']}, {result['wall_s']} s; 1-minute load average after the run "
              f"{result.get('load_average_1min_after', '?')} on {m['usable_cpus']} cores. Quantized bases load in "
-             "bf16: block linears int8/int4, the tied embedding/head int8, "
+             "bf16: block linears int8/int4, the tied embedding/head table as in column table, "
              "norms bf16. Bytes: distinct parameter and buffer tensors.", "",
-             "| base | MB | vs bf16 | held-out NLL | batch-1 tok/s | batch-8 tok/s |", "|---|---|---|---|---|---|"]
+             "| base | table | MB | vs bf16 | held-out NLL | batch-1 tok/s | batch-8 tok/s |",
+             "|---|---|---|---|---|---|---|"]
     for k, r in rows.items():
         nll = f"{r['nll']:.4f}" if "nll" in r else "-"
-        lines.append(f"| {k} | {r['bytes'] / 1e6:.1f} | {r['bytes'] / rows['bf16']['bytes']:.1%} | {nll} | "
+        lines.append(f"| {k} | {r.get('table', '-')} | {r['bytes'] / 1e6:.1f} | "
+                     f"{r['bytes'] / rows['bf16']['bytes']:.1%} | {nll} | "
                      f"{r['tok_s_b1']} | {r.get('tok_s_b8', '-')} |")
     if "v1_nll" in rows["bf16"]:
         steps = result["args"]["v1_steps"]

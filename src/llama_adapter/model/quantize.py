@@ -2,12 +2,13 @@
 
 Why: decoding at batch 1 is bound by reading the weights, so fewer weight bytes are directly
 more tokens per second (on a CPU), and a 4-bit base lets a large model train its adapters on
-a small GPU. The frozen projections of each block (q/k/v/o, gate/up/down) get `kind`; the
-embedding and the output head get int8 per row whatever `kind` (one table when tied, as in
-SmolLM2, where it is a fifth of the weights and a third of an int8 model's bytes: left in bf16
-it kept int8 at 61% of bf16's memory; a 4-bit head would lose the row gather the embedding
-needs); the norms stay in the model's dtype. Adapters keep their own dtype and act on the
-quantized linear's output (V2's scale, extra bias and LoRA: `AdaptableLinear.forward`).
+a small GPU. The frozen projections of each block (q/k/v/o, gate/up/down) get `kind`; so do the
+embedding and the output head (one table when tied, as in SmolLM2, where it is a fifth of the
+weights: left in bf16 it kept int8 at 61% of bf16's memory), except that a 4-bit table is used
+only where its rows can be gathered for the embedding (`QuantizedWeight.rows`: the CPU packing's
+layout, verified at load), else that table is int8 per row; the norms stay in the model's dtype.
+Adapters keep their own dtype and act on the quantized linear's output (V2's scale, extra bias
+and LoRA: `AdaptableLinear.forward`).
 
 - "int8": one symmetric scale per output channel (row), q = round(W / s), s = max|W_row| / 127.
 - "int4": asymmetric groups of `INT4_GROUP` = 32 input columns, q = round((W - min) / s) in 0..15,
@@ -40,6 +41,10 @@ from .llama import BLOCK_LINEARS
 QUANTIZE_CHOICES = ("int8", "int4")
 INT4_GROUP = 32
 _INT4_N_MULTIPLE = 16  # the CPU packing op needs out_features divisible by 16 (CUDA's by 8)
+# The CPU int4 packing's layout, as far as reading rows back needs it: rows in blocks of `b` (by the CPU's
+# vector width); per input column, b/2 bytes, byte d holding the block's row d (low nibble) and row d + b/2
+# (high nibble). Only used after checking it against the values just packed (`_cpu_int4_row_block`).
+_CPU_INT4_ROW_BLOCKS = (64, 32, 16)
 
 __all__ = ["QUANTIZE_CHOICES", "QuantizedWeight", "check_quantize", "quantization_of", "quantize_model",
            "refuse_quantized"]
@@ -71,9 +76,10 @@ class QuantizedWeight(nn.Module):
     time from the float weights and never saved), and the kernel that multiplies by it."""
 
     def __init__(self, kind: str, packed: torch.Tensor, scales: torch.Tensor, out_features: int,
-                 in_features: int, group_size: int, compute_dtype: torch.dtype):
+                 in_features: int, group_size: int, compute_dtype: torch.dtype, row_block: int | None = None):
         super().__init__()
         self.kind, self.group_size, self.compute_dtype = kind, group_size, compute_dtype
+        self.row_block = row_block  # int4 on a CPU: the packing's row block when `rows` can read it, else None
         self.packed_for = packed.device.type  # int4's packed layouts differ between the CPU and CUDA kernels
         self.out_features, self.in_features = out_features, in_features
         self.register_buffer("packed", packed, persistent=False)
@@ -103,9 +109,30 @@ class QuantizedWeight(nn.Module):
         if w.device.type == "cuda":
             pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, _int4_inner_k_tiles(k))
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 8)
-        return cls(kind, packed, scales, n, k, group_size, compute_dtype)
+            return cls(kind, packed, scales, n, k, group_size, compute_dtype)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 8)
+        return cls(kind, packed, scales, n, k, group_size, compute_dtype, _cpu_int4_row_block(packed, q.cpu()))
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether `rows` can gather from this weight (int8 always; int4 where its packed layout was read)."""
+        return self.kind == "int8" or self.row_block is not None
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the dequantized weight [*ids.shape, in] (compute dtype), read from the packed weight
+        without dequantizing the others: the embedding's lookup in a quantized table."""
+        if self.kind == "int8":
+            return self.packed[ids].to(self.compute_dtype) * self._scales()[ids].unsqueeze(-1)
+        if self.row_block is None:
+            raise ValueError("this int4 weight's packed layout is not one whose rows can be read")
+        flat, half, k = ids.reshape(-1), self.row_block // 2, self.in_features
+        columns = torch.arange(k, device=flat.device) * half
+        at = (flat // self.row_block * (k * half) + flat % half)[:, None] + columns  # [T, k] byte positions
+        byte = self.packed.reshape(-1)[at]
+        q = torch.where((flat % self.row_block < half)[:, None], byte & 15, byte >> 4).float()
+        step, zero = self._scales()[:, flat].float().unbind(-1)  # [k / group, T] each
+        w = (q - 8) * step.t().repeat_interleave(self.group_size, -1) + zero.t().repeat_interleave(self.group_size, -1)
+        return w.to(self.compute_dtype).view(*ids.shape, k)
 
     packed: torch.Tensor
     scales: torch.Tensor
@@ -153,6 +180,25 @@ class QuantizedWeight(nn.Module):
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}{group}"
 
 
+def _cpu_int4_row_block(packed: torch.Tensor, q: torch.Tensor) -> int | None:
+    """The row block of `_CPU_INT4_ROW_BLOCKS` under which `packed` holds exactly the values `q` [n, k] (0..15),
+    or None when it is none of them (another torch or CPU packs differently: the table then stays int8)."""
+    n, k = q.shape
+    data = packed.contiguous().view(-1)
+    if data.numel() * 2 != n * k:
+        return None
+    for block in _CPU_INT4_ROW_BLOCKS:
+        if n % block:
+            continue
+        half = block // 2
+        cells = data.view(n // block, k, half)
+        rows = q.view(n // block, 2, half, k)
+        if (torch.equal((cells & 15).int(), rows[:, 0].transpose(1, 2))
+                and torch.equal((cells >> 4).int(), rows[:, 1].transpose(1, 2))):
+            return block
+    return None
+
+
 def packed_matmul(x2d: torch.Tensor, kind: str, packed: torch.Tensor, scales: torch.Tensor,
                   group_size: int) -> torch.Tensor:
     """x2d @ W.T for a packed W through PyTorch's kernel for its kind and device (also called inside the compiled
@@ -180,7 +226,7 @@ class _QuantizedMatmul(torch.autograd.Function):
 
 
 class QuantizedHead(nn.Module):
-    """The output head over an int8 table (rows: the vocabulary, one scale each)."""
+    """The output head over a quantized table (rows: the vocabulary)."""
 
     def __init__(self, table: QuantizedWeight, like: torch.Tensor):
         super().__init__()
@@ -194,7 +240,7 @@ class QuantizedHead(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    """Token embeddings read from an int8 table (the head's own when the two are tied): row i dequantized."""
+    """Token embeddings read from a quantized table (the head's own when the two are tied): row i dequantized."""
 
     def __init__(self, table: QuantizedWeight, like: torch.Tensor):
         super().__init__()
@@ -203,18 +249,26 @@ class QuantizedEmbedding(nn.Module):
         self.weight = nn.Parameter(like.new_empty(0), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.table.packed[ids].to(self.table.compute_dtype) * self.table._scales()[ids].unsqueeze(-1)
-        return rows.to(self.weight.dtype)
+        return self.table.rows(ids).to(self.weight.dtype)
 
 
-def _quantize_head(model: Any) -> None:
-    """int8 (per row) for the embedding and the output head, one table for both when they are tied."""
+def _table(weight: torch.Tensor, kind: str, group_size: int) -> QuantizedWeight:
+    """A quantized embedding/head table of `kind` when its rows can be gathered (int4: on a CPU, its shape and
+    packed layout permitting), else int8 per row."""
+    if kind == "int4" and weight.device.type == "cpu":
+        n, k = weight.shape
+        if k % group_size == 0 and n % _INT4_N_MULTIPLE == 0:
+            table = QuantizedWeight.from_weight(weight, kind, group_size, _kernel_dtype(kind, weight.dtype))
+            if table.has_rows:
+                return table
+    return QuantizedWeight.from_weight(weight, "int8", compute_dtype=_kernel_dtype("int8", weight.dtype))
+
+
+def _quantize_head(model: Any, kind: str, group_size: int) -> None:
+    """The embedding and the output head as quantized tables (`_table`), one for both when they are tied."""
     head, emb = model.lm_head, model.embed_tokens
-    tied = head.weight is emb.weight
-    dtype = emb.weight.dtype
-    head_table = QuantizedWeight.from_weight(head.weight, "int8", compute_dtype=_kernel_dtype("int8", dtype))
-    emb_table = head_table if tied else QuantizedWeight.from_weight(emb.weight, "int8",
-                                                                    compute_dtype=_kernel_dtype("int8", dtype))
+    head_table = _table(head.weight, kind, group_size)
+    emb_table = head_table if head.weight is emb.weight else _table(emb.weight, kind, group_size)
     model.lm_head, model.embed_tokens = QuantizedHead(head_table, head.weight), QuantizedEmbedding(emb_table,
                                                                                                   emb.weight)
 
@@ -232,8 +286,9 @@ def _linears(model: nn.Module) -> list[tuple[str, Any]]:
 def quantize_model(model: nn.Module, kind: str | None, group_size: int = INT4_GROUP, head: bool = True) -> nn.Module:
     """Replace the weight of each block's q/k/v/o and gate/up/down linear by a packed `QuantizedWeight`
     (in place; `weight` becomes an empty tensor of the same device and dtype, the float weight is freed).
-    `head`: also the embedding and the output head, to int8 whatever `kind` (docs/quantization.md: on
-    SmolLM2 the tied table is a fifth of the weights). None leaves the model as it is."""
+    `head`: also the embedding and the output head (`_table`: int4 only where its rows can be gathered, else
+    int8; docs/quantization.md: on SmolLM2 the tied table is a fifth of the weights). None leaves the model as
+    it is."""
     kind = check_quantize(kind)
     if kind is None:
         return model
@@ -256,7 +311,7 @@ def quantize_model(model: nn.Module, kind: str | None, group_size: int = INT4_GR
         # an empty placeholder keeps what code asks of `weight` (device, dtype) and frees the float weight
         m.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
     if head:
-        _quantize_head(model)
+        _quantize_head(model, kind, group_size)
     return model
 
 
