@@ -24,6 +24,12 @@ def test_compiled_decode_matches_eager(tiny_folder):
     prompts = ["the quick brown fox", "hello"]  # different lengths: left padding, masked keys
     assert tokens(fast, tok, prompts) == tokens(eager, tok, prompts)
     assert state.failed is None and state.compiled_steps > 0
+    # more rows than the reductions serve: the same graph with the matrix kernel
+    assert state.gemv_for(2) and not state.gemv_for(3)
+    prompts = ["the quick brown fox", "hello", "a red circle on a blue square"]
+    steps = state.compiled_steps
+    assert tokens(fast, tok, prompts) == tokens(eager, tok, prompts)
+    assert state.failed is None and state.compiled_steps == steps + 9
 
 
 ADAPTED = {
@@ -40,7 +46,8 @@ ADAPTED = {
 @pytest.mark.parametrize("name", list(ADAPTED))
 def test_adapted_models_decode_through_the_compiled_step_with_the_eager_tokens(tiny, name, tmp_path, monkeypatch):
     """Issue 38: the compiled step serves adapted models too (prompt keys/values, routing fixed at the prefill,
-    scales and biases of unfolded linears), with the tokens of the eager path (greedy, fp32)."""
+    scales and biases of unfolded linears), with the tokens of the eager path (greedy, fp32), in both of its forms
+    (reductions for few rows, matrix kernels for more)."""
     from PIL import Image
 
     monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path / "cache"))
@@ -62,6 +69,9 @@ def test_adapted_models_decode_through_the_compiled_step_with_the_eager_tokens(t
     # the adapter acts, and the answers are not one token repeated (which a broken step could still match)
     assert eager != base and all(len({step[r] for step in eager}) > 1 for r in range(len(prompts)))
     state = la.enable_compiled_decode(model)
+    assert tokens(model, tok, prompts, images=images) == eager
+    assert state.failed is None and state.compiled_steps > 0
+    state = la.enable_compiled_decode(model, use_gemv=False)  # the graph's form for more rows: matrix kernels
     assert tokens(model, tok, prompts, images=images) == eager
     assert state.failed is None and state.compiled_steps > 0
     la.disable_compiled_decode(model)
@@ -248,8 +258,8 @@ def test_default_decode_compiles_in_the_background_while_the_first_call_decodes_
     later, _ = la.load_pretrained(tiny_folder)
     assert tokens(later, tok, prompts, n=12) == want
     assert fastpath.compiled_decode_of(later).compiled_steps == 11 and inductor_counts()[1] == misses
-    # a batch of more rows decodes eagerly by default (faster there: docs/benchmarks.md)
-    rows = ["the quick brown fox", "hello", "a red circle"]
+    # a batch of more rows than the default step serves decodes eagerly (faster there: docs/benchmarks.md)
+    rows = ["the quick brown fox", "hello", "a red circle"] * 3
     assert len(rows) > fastpath.DEFAULT_MAX_ROWS
     assert tokens(later, tok, rows, n=12) == tokens(eager, tok, rows, n=12)
     assert fastpath.compiled_decode_of(later).compiled_steps == 11

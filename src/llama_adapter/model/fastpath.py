@@ -22,7 +22,8 @@ gradient recording, and no sliding window the step could exceed. Anything else t
 path, so attaching anything after enabling is safe. A failure to compile disables the fast path
 for that model with a warning.
 
-It is the default on a CPU at batch 1 and 2 (`default_decode`), where it was measured faster, and compiles
+It is the default on a CPU for batches of up to 8 rows (`default_decode`), where it was measured faster (1 and
+2 rows with the reductions below, 3 to 8 with PyTorch's matrix kernel in the same graph), and compiles
 in the background: a cold compile takes 20-40 s on a CPU, so a model's first generations decode
 eagerly while a worker process (model/compile_worker.py) compiles the graphs for their shapes into
 inductor's on-disk cache; at the next token after it finishes, the model compiles them from that
@@ -53,9 +54,12 @@ from .llama import BLOCK_LINEARS, AdaptableLinear, Block, KVCache, LlamaLM
 from .quantize import packed_matmul
 
 _ATTR = "_compiled_decode"
-# The default step serves batches of 1 and 2: at 4 rows and more the eager path's matrix-matrix kernels were faster
-# (bench/results/default_decode_batches.md); enable_compiled_decode serves any batch.
-DEFAULT_MAX_ROWS = 2
+# On a CPU the graph's linears are multiply-and-sum reductions up to this many rows, which re-read the weights for
+# every row; above, PyTorch's matrix kernel (bench/results/default_decode_batches.md).
+GEMV_MAX_ROWS = 2
+# The default step serves batches up to 8 rows: at 32 the eager step was faster (docs/benchmarks.md, Decoding);
+# enable_compiled_decode serves any batch.
+DEFAULT_MAX_ROWS = 8
 ENV_SWITCH = "LLAMA_ADAPTER_FAST_DECODE"  # "0" / "off" / "false": no default fast path in this process
 MAX_BLOCKS_PER_GRAPH = 10
 ADAPTER_SLOTS = ("attn_adapter", "ffn_adapter")  # a Block's routed-adapter hooks (LaVIN), before attention and FFN
@@ -287,9 +291,7 @@ class CompiledDecode:
         self.model = model
         self.background = background  # compile in another process while the caller decodes eagerly
         self.max_rows = max_rows  # larger batches decode eagerly
-        dev = model.device
-        # CPU: the explicit reduction beats the BLAS GEMV in bf16; elsewhere keep the vendor GEMM.
-        self.use_gemv = (dev.type == "cpu") if use_gemv is None else use_gemv
+        self.use_gemv = use_gemv  # None: by device and rows (`gemv_for`)
         self.failed: str | None = None
         # One graph for a group of blocks, reused by every group (weights are inputs): compiling
         # stays bounded, and several blocks per call amortise the guards and thread wake-ups
@@ -305,9 +307,16 @@ class CompiledDecode:
         self._ready: set[tuple] = set()  # input shapes with a compiled graph (background mode)
         self._worker: tuple[tuple, subprocess.Popen, IO[bytes]] | None = None  # shapes, process, its stderr
 
+    def gemv_for(self, rows: int) -> bool:
+        """Whether the graph's linears are multiply-and-sum reductions for `rows` sequences: on a CPU at few rows,
+        where they beat the BLAS matrix-vector kernels in bf16; else the vendor's matrix kernel."""
+        if self.use_gemv is not None:
+            return self.use_gemv
+        return self.model.device.type == "cpu" and rows <= GEMV_MAX_ROWS
+
     def usable(self, cache_len: int, rows: int = 1) -> bool:
         """Whether the graph computes what the eager model would for `rows` sequences and a cache of `cache_len`
-        (and, for the default step, whether it is faster there: batches of 1 and 2)."""
+        (and, for the default step, whether it is faster there: batches of up to 8 rows)."""
         m = self.model
         if self.failed is not None or torch.is_grad_enabled():
             return False
@@ -331,21 +340,22 @@ class CompiledDecode:
         write_at = torch.tensor([cache.length], device=token.device)
         bias = torch.zeros(key_valid.shape, dtype=torch.float32, device=token.device)
         bias = bias.masked_fill_(~key_valid, torch.finfo(torch.float32).min)[:, None, None, :]
-        x = m.embed_tokens(token)  # a float table, or an int8 one (model/quantize.py)
+        x = m.embed_tokens(token)  # a float table, or a quantized one (model/quantize.py)
+        gemv = self.gemv_for(token.shape[0])
         if self._tensors is None or self._tensors[0] is not cache:
             rows = token.shape[0]
             tensors = _uniform([_block_tensors(cast(Block, b), cache, i, extras or {}, rows)
                                 for i, b in enumerate(m.layers)])
             shapes = _shapes(x, tensors) if self.background else None
-            marker = compile_worker.marker(repr((shapes, self.use_gemv, self.group))) if self.background else None
+            marker = compile_worker.marker(repr((shapes, gemv, self.group))) if self.background else None
             self._tensors = (cache, tensors, shapes, marker)
         _, tensors, shapes, marker = self._tensors
         if shapes is not None and marker is not None and shapes not in self._ready:
-            if not self._compiled_elsewhere(shapes, marker, (x, cos, sin, bias, write_at), tensors):
+            if not self._compiled_elsewhere(shapes, marker, (x, cos, sin, bias, write_at), tensors, gemv):
                 return None
             self._ready.add(shapes)  # the call below compiles from the worker's cache entries
         try:
-            logits = self._run(x, cos, sin, bias, write_at, tensors)
+            logits = self._run(x, cos, sin, bias, write_at, tensors, gemv)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: fall back to eager
             self._fail(e)
             return None
@@ -353,40 +363,41 @@ class CompiledDecode:
         self.compiled_steps += 1
         return logits
 
-    def _block_args(self) -> tuple[int, tuple[float, float], bool]:
+    def _block_args(self, gemv: bool) -> tuple[int, tuple[float, float], bool]:
         """The arguments of `_group_step` after the step's tensors and before the layers'."""
         m = self.model
         first = cast(Block, m.layers[0])
-        return m.config.n_heads, (first.input_layernorm.eps, first.post_attention_layernorm.eps), self.use_gemv
+        return m.config.n_heads, (first.input_layernorm.eps, first.post_attention_layernorm.eps), gemv
 
-    def _head_args(self) -> tuple:
+    def _head_args(self, gemv: bool) -> tuple:
         """The arguments of `_head_step` after the hidden state."""
         m = self.model
-        return m.norm.weight, m.norm.eps, m.lm_head.weight, m.lm_head.bias, self.use_gemv, head_terms(m)
+        return m.norm.weight, m.norm.eps, m.lm_head.weight, m.lm_head.bias, gemv, head_terms(m)
 
     def _run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-             write_at: torch.Tensor, tensors: list[dict[str, Any]]) -> torch.Tensor:
+             write_at: torch.Tensor, tensors: list[dict[str, Any]], gemv: bool) -> torch.Tensor:
         # Every model, batch size, cache length and adapter layout is a graph of the same two functions, and
         # dynamo's default limit of 8 graphs per function is soon reached by a process holding several
         # (a server, a test run): the limit is raised for these calls only.
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             for g in range(0, len(tensors), self.group):
-                x = self._blocks(x, cos, sin, bias, write_at, *self._block_args(), tensors[g:g + self.group])
-            return self._head(x, *self._head_args())
+                x = self._blocks(x, cos, sin, bias, write_at, *self._block_args(gemv), tensors[g:g + self.group])
+            return self._head(x, *self._head_args(gemv))
 
     def _fail(self, e: Exception) -> None:
         self.failed = f"{type(e).__name__}: {e}"
         warnings.warn(f"compiled decoding failed, using the eager path: {self.failed}", stacklevel=3)
 
-    def _compiled_elsewhere(self, shapes: tuple, marker: Path, inputs: tuple, tensors: list[dict[str, Any]]) -> bool:
+    def _compiled_elsewhere(self, shapes: tuple, marker: Path, inputs: tuple, tensors: list[dict[str, Any]],
+                            gemv: bool) -> bool:
         """Whether a worker process has compiled the graphs for these shapes into inductor's on-disk cache (in
         this process or an earlier one: it leaves a marker there); starts one (one at a time) if none is running
         (model/compile_worker.py says why a process)."""
         if marker.exists():
             return True
         if self._worker is None:
-            calls = {"_group_step": (*inputs, *self._block_args(), tensors[:self.group]),
-                     "_head_step": (inputs[0], *self._head_args())}
+            calls = {"_group_step": (*inputs, *self._block_args(gemv), tensors[:self.group]),
+                     "_head_step": (inputs[0], *self._head_args(gemv))}
             try:
                 job = compile_worker.spec(calls, torch.get_num_threads(), marker)
                 log: IO[bytes] = tempfile.TemporaryFile()
@@ -429,7 +440,7 @@ class CompiledDecode:
 class _CopiedChoice:
     """What a deep copy of a model keeps of its compiled step: the choices, not the state."""
 
-    use_gemv: bool
+    use_gemv: bool | None
     background: bool
     max_rows: int | None
 
