@@ -51,7 +51,7 @@ def test_int4_rows_are_the_kernels_own_dequantized_rows():
     dequantization (the kernel applied to the identity) row for row."""
     torch.manual_seed(0)
     w = torch.randn(192, 64) * 0.05
-    qw = QuantizedWeight.from_weight(w, "int4")
+    qw = QuantizedWeight.from_weight(w, "int4", rows=True)
     if qw.row_block is None:
         pytest.skip("this CPU's int4 packing is not a layout rows can be read from (tables stay int8 here)")
     ids = torch.tensor([[0, 31, 32, 63], [64, 100, 191, 5]])
@@ -63,7 +63,8 @@ def test_int4_rows_are_the_kernels_own_dequantized_rows():
     q[77, 3] = (q[77, 3] + 1) % 16
     assert _cpu_int4_row_block(packed, q) is None
     # a vocabulary the layout does not divide keeps an int8 table
-    assert QuantizedWeight.from_weight(torch.randn(48, 64), "int4").row_block is None
+    assert QuantizedWeight.from_weight(torch.randn(48, 64), "int4", rows=True).row_block is None
+    assert QuantizedWeight.from_weight(w, "int4").row_block is None  # a block linear's weight is never read by row
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -79,7 +80,7 @@ def test_tiny_quantized_logits_close(tmp_path, kind, vocab):
     table = model.embed_tokens.table  # untied here: the embedding has its own table, rows dequantized
     assert model.lm_head.table is not table
     # int4 tables where their rows can be read back (448 = 7 x 64 rows), else int8 (400 is no multiple of 64)
-    readable = QuantizedWeight.from_weight(torch.randn(vocab, 64), "int4").has_rows
+    readable = QuantizedWeight.from_weight(torch.randn(vocab, 64), "int4", rows=True).has_rows
     assert table.kind == (kind if readable else "int8") and model.lm_head.table.kind == table.kind
     torch.testing.assert_close(model.embed_tokens(ids), table.dequantize(torch.float32)[ids], rtol=0, atol=0)
     assert all(m.weight.numel() == 0 for m in _quantized_linears(model))
