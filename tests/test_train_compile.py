@@ -94,6 +94,33 @@ def test_compiled_step_matches_eager_and_saves_the_same_adapter(one_layer, tmp_p
     assert all("forward" not in vars(b) for b in trainer.model.layers)
 
 
+def test_the_compiled_step_computes_its_loss_with_the_compiled_cross_entropy(one_layer):
+    """Inside a compiled step `lm_loss` takes the compiled cross-entropy (fused kernels), outside the eager one;
+    both give the same loss and the same gradient of the logits."""
+    from llama_adapter import loss
+    from llama_adapter.train.compiled import CompiledBlocks
+
+    model, _ = la.load_pretrained(one_layer)
+    compiled = CompiledBlocks(model)
+    assert loss._cross_entropy.get() is loss.summed_cross_entropy
+    with compiled.active():
+        assert loss._cross_entropy.get() is compiled._loss
+    assert loss._cross_entropy.get() is loss.summed_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for n in (7, 13):  # label counts vary between batches
+        targets = torch.randint(0, 400, (n,), generator=g)
+        logits = (torch.randn(n, 400, generator=g) * 3).bfloat16()
+        for fn in (loss.summed_cross_entropy, compiled._loss):
+            x = logits.clone().requires_grad_()
+            value = fn(x, targets)
+            value.backward()
+            results.append((value.detach(), x.grad))
+        (eager_value, eager_grad), (value, grad) = results[-2:]
+        torch.testing.assert_close(value, eager_value, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(grad.float(), eager_grad.float(), rtol=1e-2, atol=1e-3)  # bf16 gradients
+
+
 @pytest.mark.slow
 def test_compiled_step_with_varying_lengths_bf16_and_checkpointing(folder, tmp_path):
     """Blocks with and without a prompt sharing graphs, batches of several lengths (a recompile with a
