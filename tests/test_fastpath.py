@@ -328,18 +328,22 @@ def test_a_copied_model_gets_a_decode_step_of_its_own(tiny_folder, fast_by_defau
     assert compiled_decode_of(twin) is not state and compiled_decode_of(twin).model is twin
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_a_quantized_base_decodes_through_the_compiled_step_with_the_eager_tokens(tiny_folder, kind):
-    """Issue 38: packed low-bit linears and the int8 head run in the graph through PyTorch's own kernels (the same
-    calls as the eager path), so an fp32 model gives the eager tokens; V1's prompts ride along."""
-    from llama_adapter.model.quantize import quantization_of
+@pytest.mark.parametrize("kind,vocab", [("int8", 400), ("int4", 400), ("int4", 448)])
+def test_a_quantized_base_decodes_through_the_compiled_step_with_the_eager_tokens(tmp_path, kind, vocab):
+    """Issue 38: packed low-bit linears and the quantized head run in the graph through PyTorch's own kernels (the
+    same calls as the eager path), so an fp32 model gives the eager tokens; V1's prompts ride along. A vocabulary
+    of 448 rows gives int4 a 4-bit embedding/head table (where this CPU's packing can be read back), 400 an int8
+    one."""
+    from llama_adapter.model.quantize import QuantizedWeight, quantization_of
 
-    model, tok = la.load_pretrained(tiny_folder, quantize=kind)
+    model, tok = la.load_pretrained(save_tiny_folder(tmp_path / "tiny", vocab_size=vocab), quantize=kind)
     la.attach(model, la.AdapterV1Config(prompt_len=3, n_layers=2), tokenizer=tok)
     with torch.no_grad():
         for p in la.trainable_parameters(model).values():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
     assert quantization_of(model) == kind and why_not_compiled(model) is None
+    readable = QuantizedWeight.from_weight(torch.randn(vocab, 64), "int4", rows=True).has_rows
+    assert model.lm_head.table.kind == ("int4" if kind == "int4" and readable else "int8")
     prompts = ["the quick brown fox", "hello"]
     eager = tokens(model, tok, prompts, n=12)
     state = la.enable_compiled_decode(model)
