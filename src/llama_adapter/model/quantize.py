@@ -113,8 +113,9 @@ class QuantizedWeight(nn.Module):
             pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, _int4_inner_k_tiles(k))
             return cls(kind, packed, scales, n, k, group_size, compute_dtype)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 8)
-        row_block = _cpu_int4_row_block(packed, q.cpu()) if rows else None
+        q = q.cpu()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
+        row_block = _cpu_int4_row_block(packed, q) if rows else None
         return cls(kind, packed, scales, n, k, group_size, compute_dtype, row_block)
 
     @property
@@ -134,8 +135,8 @@ class QuantizedWeight(nn.Module):
         at = (flat // self.row_block * (k * half) + flat % half)[:, None] + columns  # [T, k] byte positions
         byte = self.packed.reshape(-1)[at]
         q = torch.where((flat % self.row_block < half)[:, None], byte & 15, byte >> 4).float()
-        step, zero = self._scales()[:, flat].float().unbind(-1)  # [k / group, T] each
-        w = (q - 8) * step.t().repeat_interleave(self.group_size, -1) + zero.t().repeat_interleave(self.group_size, -1)
+        scales = self._scales()[:, flat].float().transpose(0, 1)  # [T, k / group, (step, zero)]
+        w = (q.view(len(flat), -1, self.group_size) - 8) * scales[..., :1] + scales[..., 1:]
         return w.to(self.compute_dtype).view(*ids.shape, k)
 
     packed: torch.Tensor
