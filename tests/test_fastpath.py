@@ -3,6 +3,8 @@ gate/up projections compute what the eager model computes, and step aside for wh
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import save_tiny_folder
@@ -24,12 +26,36 @@ def test_compiled_decode_matches_eager(tiny_folder):
     prompts = ["the quick brown fox", "hello"]  # different lengths: left padding, masked keys
     assert tokens(fast, tok, prompts) == tokens(eager, tok, prompts)
     assert state.failed is None and state.compiled_steps > 0
-    # more rows than the reductions serve: the same graph with the matrix kernel
+    assert not any("joint_q_proj" in t for t in state._tensors[1])  # the reductions read each linear
+    # more rows than the reductions serve: the same graph with the matrix kernel, over the joint q/k/v and
+    # gate/up weights (model/fused.py); one graph for the blocks and one for the head serve every step, whose
+    # attention spans the keys written so far
     assert state.gemv_for(2) and not state.gemv_for(3)
     prompts = ["the quick brown fox", "hello", "a red circle on a blue square"]
-    steps = state.compiled_steps
+    steps, graphs = state.compiled_steps, torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert tokens(fast, tok, prompts) == tokens(eager, tok, prompts)
     assert state.failed is None and state.compiled_steps == steps + 9
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
+    assert all("joint_q_proj" in t and "joint_gate_proj" in t for t in state._tensors[1])
+
+
+def test_the_compiled_step_leaves_the_cache_s_last_position_to_the_eager_step(tiny_folder):
+    """Attending the first n keys of the cache, the graph would specialise on n = the whole cache: the step
+    that writes the last position runs eagerly instead (generate sizes its caches so that none does)."""
+    from llama_adapter.generate import prepare_prompts
+    from llama_adapter.model.fastpath import CompiledDecode
+
+    model, tok = la.load_pretrained(tiny_folder)
+    batch = prepare_prompts(model, tok, [tok.encode("hello")], None)
+    length = batch.attention_mask.shape[1]
+    with torch.inference_mode():
+        for size, usable in ((length + 2, True), (length + 1, False)):
+            cache = model.new_cache(1, size)
+            first = model(batch.input_ids, attention_mask=batch.attention_mask, cache=cache,
+                          output_positions=(slice(None), -1))
+            key_valid = torch.ones((1, size), dtype=torch.bool)
+            got = CompiledDecode(model).step(first.argmax(-1), torch.tensor([length]), cache, key_valid)
+            assert (got is not None) == usable and cache.length == length + usable
 
 
 ADAPTED = {
@@ -74,6 +100,7 @@ def test_adapted_models_decode_through_the_compiled_step_with_the_eager_tokens(t
     state = la.enable_compiled_decode(model, use_gemv=False)  # the graph's form for more rows: matrix kernels
     assert tokens(model, tok, prompts, images=images) == eager
     assert state.failed is None and state.compiled_steps > 0
+    assert all("joint_q_proj" in t for t in state._tensors[1])  # with each linear's own scale and bias after it
     la.disable_compiled_decode(model)
     assert tokens(model, tok, prompts, images=images) == eager
 
@@ -228,6 +255,23 @@ def held_back_worker(monkeypatch, gate):
 def inductor_counts():
     c = torch._dynamo.utils.counters["inductor"]
     return c["fxgraph_cache_hit"], c["fxgraph_cache_miss"]
+
+
+def test_the_worker_builds_inputs_laid_out_aliased_and_marked_dynamic_as_the_caller_s():
+    """What the worker compiles must be what the caller's call asks for, or the caller would miss the cache."""
+    import pickle
+
+    from llama_adapter.model import compile_worker
+
+    cache = torch.zeros(2, 3, 8)
+    bias = torch.zeros(2, 1, 5)
+    torch._dynamo.mark_dynamic(bias, 2)
+    job = pickle.loads(compile_worker.spec({"f": (cache, cache[:, :, :4], bias)}, 1, Path("done")))
+    storages = [torch.UntypedStorage(n) for n in job["storage_sizes"]]
+    full, view, marked = compile_worker.build(job["calls"]["f"], storages)
+    assert view.untyped_storage().data_ptr() == full.untyped_storage().data_ptr() and view.stride() == cache.stride()
+    assert marked.shape == bias.shape and marked._dynamo_dynamic_indices == {2}
+    assert not hasattr(full, "_dynamo_dynamic_indices")
 
 
 def test_default_decode_compiles_in_the_background_while_the_first_call_decodes_eagerly(tiny_folder, fast_by_default,

@@ -4,11 +4,10 @@ Why a process and not a thread: compiling is minutes of Python work that holds t
 eager decode step releases and re-takes that lock around each of its ~500 operators, so a compiling thread slows
 the decoding thread many times over; a thread still compiling at exit also aborts the process. The worker gets a
 description of the step's inputs (shapes, strides, dtypes, which tensors share storage, which are inference
-tensors, parameters or require gradients: everything the graphs and their cache keys depend on, never the
-values), builds
-uninitialised tensors to match, and runs the compiled functions once. That fills inductor's on-disk cache, from
-which the caller then compiles the same graphs in a second or two (model/fastpath.py), and a marker file there
-that tells later processes they can do so at once.
+tensors, parameters or require gradients, which sizes are dynamic: everything the graphs and their cache keys
+depend on, never the values), builds uninitialised tensors to match, and runs the compiled functions once.
+That fills inductor's on-disk cache, from which the caller then compiles the same graphs in a second or two
+(model/fastpath.py), and a marker file there that tells later processes they can do so at once.
 
 Started by model/fastpath.py as `python -c "from llama_adapter.model.compile_worker import main; main()"` with
 the job (`spec`) on its standard input.
@@ -39,6 +38,7 @@ class TensorSpec:
     inference: bool
     requires_grad: bool
     parameter: bool  # an nn.Parameter: the compiler treats those as static inputs, part of the cache key
+    dynamic: tuple[int, ...] = ()  # dimensions marked dynamic (torch._dynamo.mark_dynamic): symbolic in the graph
 
 
 def describe(value: Any, storages: dict[int, tuple[int, int]]) -> Any:
@@ -51,7 +51,8 @@ def describe(value: Any, storages: dict[int, tuple[int, int]]) -> Any:
         key = storage.data_ptr()
         index = storages.setdefault(key, (len(storages), storage.nbytes()))[0]
         return TensorSpec(index, int(value.storage_offset()), tuple(value.shape), tuple(value.stride()), value.dtype,
-                          value.is_inference(), value.requires_grad, isinstance(value, nn.Parameter))
+                          value.is_inference(), value.requires_grad, isinstance(value, nn.Parameter),
+                          tuple(sorted(getattr(value, "_dynamo_dynamic_indices", ()))))
     if isinstance(value, dict):
         return {k: describe(v, storages) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
@@ -68,8 +69,12 @@ def build(value: Any, storages: list[torch.UntypedStorage]) -> Any:
             if not (t.is_floating_point() or t.is_complex()):
                 t.zero_()  # indices (the step's write position) must be valid; floats may be anything
         if value.parameter:
-            return nn.Parameter(t, requires_grad=value.requires_grad)
-        return t.requires_grad_(value.requires_grad) if value.requires_grad else t
+            t = nn.Parameter(t, requires_grad=value.requires_grad)
+        elif value.requires_grad:
+            t.requires_grad_(True)
+        for dim in value.dynamic:
+            torch._dynamo.mark_dynamic(t, dim)
+        return t
     if isinstance(value, dict):
         return {k: build(v, storages) for k, v in value.items()}
     if isinstance(value, (tuple, list)):

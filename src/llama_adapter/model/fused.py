@@ -96,6 +96,14 @@ def fuse_projections(model: nn.Module) -> None:
             _fuse_group([getattr(getattr(layer, parent), n) for n in names])
 
 
+def frozen_joint(linears: Sequence[AdaptableLinear]) -> JointProjection | None:
+    """The group's joint tensors while they back every linear and no weight needs a gradient, whatever the
+    linears add to their outputs (a compiled decode step applies scales and extra biases itself), else None."""
+    joint = _joint_of(linears)
+    frozen = not any(m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad) for m in linears)
+    return joint if frozen else None
+
+
 def project(linears: Sequence[AdaptableLinear], x: torch.Tensor) -> list[torch.Tensor]:
     """The outputs of `linears` on `x`: one matmul over the joint weight when valid, else one each."""
     joint = _joint_of(linears)
