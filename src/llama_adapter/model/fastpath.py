@@ -27,8 +27,8 @@ follows the sequence rather than the cache's length (rounded up so that one grap
 rows this made the step 1.3x faster. With the matrix kernel, q/k/v and gate/up are one product each over the
 joint weights of model/fused.py (1.05x at 8 rows).
 
-It is the default on a CPU for batches of up to 8 rows (`default_decode`), where it was measured faster (1 and
-2 rows with the reductions below, 3 to 8 with PyTorch's matrix kernel in the same graph), and compiles
+It is the default on a CPU for batches of up to 64 rows (`default_decode`), where it was measured faster (one
+row with the reductions below, more with PyTorch's matrix kernel in the same graph), and compiles
 in the background: a cold compile takes 20-40 s on a CPU, so a model's first generations decode
 eagerly while a worker process (model/compile_worker.py) compiles the graphs for their shapes into
 inductor's on-disk cache; at the next token after it finishes, the model compiles them from that
@@ -60,11 +60,11 @@ from .quantize import packed_matmul
 
 _ATTR = "_compiled_decode"
 # On a CPU the graph's linears are multiply-and-sum reductions up to this many rows, which re-read the weights for
-# every row; above, PyTorch's matrix kernel (bench/results/default_decode_batches.md).
-GEMV_MAX_ROWS = 2
-# The default step serves batches up to 8 rows: at 32 the eager step was faster (docs/benchmarks.md, Decoding);
-# enable_compiled_decode serves any batch.
-DEFAULT_MAX_ROWS = 8
+# every row; above, PyTorch's matrix kernel (at 2 rows 1.19x the reductions; docs/benchmarks.md, Decoding).
+GEMV_MAX_ROWS = 1
+# The default step serves batches up to 64 rows, the largest measured (1.16x eager there, 1.27x at 32); each batch
+# size is one more background compile. enable_compiled_decode serves any batch.
+DEFAULT_MAX_ROWS = 64
 ENV_SWITCH = "LLAMA_ADAPTER_FAST_DECODE"  # "0" / "off" / "false": no default fast path in this process
 MAX_BLOCKS_PER_GRAPH = 10
 ADAPTER_SLOTS = ("attn_adapter", "ffn_adapter")  # a Block's routed-adapter hooks (LaVIN), before attention and FFN
@@ -347,7 +347,7 @@ class CompiledDecode:
 
     def usable(self, cache_len: int, rows: int = 1) -> bool:
         """Whether the graph computes what the eager model would for `rows` sequences and a cache of `cache_len`
-        (and, for the default step, whether it is faster there: batches of up to 8 rows)."""
+        (and, for the default step, whether it is faster there: batches of up to 64 rows)."""
         m = self.model
         if self.failed is not None or torch.is_grad_enabled():
             return False
