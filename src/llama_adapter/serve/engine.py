@@ -276,8 +276,8 @@ class DecodeBatch:
     def _compiled_step(self, group: RowGroup, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """The step of a lone row (its group's hook context) on the compiled graph of its model, writing into the
         batch's buffers; None where it does not apply (the graph is not compiled yet, or cannot serve this model).
-        Batches of more rows stay eager: there the batched eager step is as fast or faster, and every batch size
-        would be another graph to compile."""
+        Batches of more rows stay eager: each row count and buffer width would be another graph to compile (the
+        graph's batch size is fixed), although in la.generate it is faster than eager at every batch size."""
         cols = self.capacity[1]
         fast = default_decode(group.model if self.shared else self.model)
         if fast is None or not fast.usable(cols, 1):
