@@ -84,6 +84,15 @@ def save_tiny_folder(path: Path, kind: str = "llama", seed: int = 0, **overrides
     return path
 
 
+def expected_table_kind(kind: str, vocab: int) -> str:
+    """The embedding/head table a base packed as `kind` gets for `vocab` rows of the tiny models' width here: int4
+    only where this CPU's int4 packing can be read back by row (model/quantize.py), else int8."""
+    from llama_adapter.model.quantize import QuantizedWeight
+
+    readable = QuantizedWeight.from_weight(torch.randn(vocab, 64), "int4", rows=True).has_rows
+    return "int4" if kind == "int4" and readable else "int8"
+
+
 @pytest.fixture
 def tiny_folder(tmp_path) -> Path:
     return save_tiny_folder(tmp_path / "tiny")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_folder
+from conftest import expected_table_kind, save_tiny_folder
 
 import llama_adapter as la
 from llama_adapter.generate import Sampling, generate_tokens
@@ -379,7 +379,7 @@ def test_a_quantized_base_decodes_through_the_compiled_step_with_the_eager_token
     same calls as the eager path), so an fp32 model gives the eager tokens; V1's prompts ride along. A vocabulary
     of 448 rows gives int4 a 4-bit embedding/head table (where this CPU's packing can be read back), 400 an int8
     one."""
-    from llama_adapter.model.quantize import QuantizedWeight, quantization_of
+    from llama_adapter.model.quantize import quantization_of
 
     model, tok = la.load_pretrained(save_tiny_folder(tmp_path / "tiny", vocab_size=vocab), quantize=kind)
     la.attach(model, la.AdapterV1Config(prompt_len=3, n_layers=2), tokenizer=tok)
@@ -387,8 +387,7 @@ def test_a_quantized_base_decodes_through_the_compiled_step_with_the_eager_token
         for p in la.trainable_parameters(model).values():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
     assert quantization_of(model) == kind and why_not_compiled(model) is None
-    readable = QuantizedWeight.from_weight(torch.randn(vocab, 64), "int4", rows=True).has_rows
-    assert model.lm_head.table.kind == ("int4" if kind == "int4" and readable else "int8")
+    assert model.lm_head.table.kind == expected_table_kind(kind, vocab)
     prompts = ["the quick brown fox", "hello"]
     eager = tokens(model, tok, prompts, n=12)
     state = la.enable_compiled_decode(model)
