@@ -175,9 +175,9 @@ def test_head_in_pieces_equals_one_linear(monkeypatch):
 
 
 def joint_groups(model):
-    from llama_adapter.model.fused import GROUPS, _joint_of
+    from llama_adapter.model.fused import GROUPS, joint_of
 
-    return [_joint_of([getattr(getattr(layer, parent), n) for n in names])
+    return [joint_of([getattr(getattr(layer, parent), n) for n in names])
             for layer in model.layers for parent, names in GROUPS]
 
 

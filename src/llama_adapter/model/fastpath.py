@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import compile_worker
-from .fused import GROUPS, frozen_joint, has_module_hooks
+from .fused import GROUPS, has_module_hooks, joint_of
 from .llama import BLOCK_LINEARS, AdaptableLinear, Block, KVCache, LlamaLM
 from .quantize import packed_matmul
 
@@ -171,8 +171,8 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
     cache_k, cache_v = cache_k[:, :, :n], cache_v[:, :, :n]
     # Attention of one query per head as multiply-and-sum: inductor fuses it with the softmax.
     qg = q.view(B, G, n_heads // G, 1, d).float()
-    scores = (qg * cache_k.float().unsqueeze(2)).sum(-1) * (d ** -0.5) + bias  # [B, G, rep, S]
-    probs = scores.softmax(-1).unsqueeze(-1)  # [B, G, rep, S, 1]
+    scores = (qg * cache_k.float().unsqueeze(2)).sum(-1) * (d ** -0.5) + bias  # [B, G, rep, n]
+    probs = scores.softmax(-1).unsqueeze(-1)  # [B, G, rep, n, 1]
     out = (probs * cache_v.float().unsqueeze(2)).sum(-2).to(x.dtype)  # [B, G, rep, d]
     if "prefix_k" in t:  # the gated prefix: its own softmax over the prompt's keys, times the gate
         pk, pv = t["prefix_k"].float().unsqueeze(2), t["prefix_v"].float().unsqueeze(2)  # [B|1, G, 1, P, d]
@@ -217,7 +217,7 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
             if isinstance(lin, AdaptableLinear):
                 t["db" + name], t["s" + name] = lin.delta_bias, lin.scale
     for part, group in GROUPS if joint else ():
-        weights = frozen_joint([getattr(getattr(layer, part), name) for name in group])
+        weights = joint_of([getattr(getattr(layer, part), name) for name in group])
         if weights is not None:
             t["joint_" + group[0]] = (weights.weight, weights.bias, tuple(weights.sizes))
             for name in group:  # the separate views are not read
@@ -363,15 +363,18 @@ class CompiledDecode:
         """Logits [B, V] for `token` [B] at `positions` [B], after the prefill filled `cache` (and the
         adapters' per-generation state in it) with the method inputs `extras`; None when this step must run
         eagerly (compiling failed, or, in background mode, the graph for these shapes is not ready yet)."""
-        keys = cache.length + 1  # the keys the step attends: those written so far and its own
-        if self.failed is not None or keys >= cache.max_len:  # (at the last position the slice would be the whole
-            return None  # cache, a size the graph would specialise on: that one step runs eagerly)
+        keys = cache.length + 1  # the keys this step attends: those written so far and its own
+        if self.failed is not None:
+            return None
+        if keys >= cache.max_len:  # all of the cache: a size the graph would specialise on (one eager step)
+            return None
         m = self.model
         cos_table, sin_table = m.rotary.table(cache.max_len, token.device)  # no device sync for the max
         cos, sin = cos_table[positions, None].to(m.dtype), sin_table[positions, None].to(m.dtype)  # [B, 1, d]
         write_at = torch.tensor([cache.length], device=token.device)
-        bias = torch.zeros(key_valid.shape, dtype=torch.float32, device=token.device)
-        bias = bias.masked_fill_(~key_valid, torch.finfo(torch.float32).min)[:, None, None, :keys]
+        valid = key_valid[:, :keys]
+        bias = torch.zeros(valid.shape, dtype=torch.float32, device=token.device)
+        bias = bias.masked_fill_(~valid, torch.finfo(torch.float32).min)[:, None, None, :]
         torch._dynamo.mark_dynamic(bias, 3)
         x = m.embed_tokens(token)  # a float table, or a quantized one (model/quantize.py)
         gemv = self.gemv_for(token.shape[0])

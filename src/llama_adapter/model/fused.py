@@ -9,7 +9,9 @@ and makes each linear's parameter a view of its rows, so memory stays the same a
 while it is exactly what the separate linears would compute: each linear plain (no scale,
 extra bias, LoRA or module hooks), its weight still the recorded view (folding, `.to()` or a
 new parameter break that, and the separate path takes over), and no weight needing a
-gradient. `generate_tokens` calls `fuse_projections` (cheap when nothing changed).
+gradient. `generate_tokens` calls `fuse_projections` (cheap when nothing changed). The compiled decode step
+(model/fastpath.py) reads them through `joint_of` for batches of more than one row, and applies each linear's
+scale and extra bias after the split itself.
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ def _plain(m: AdaptableLinear) -> bool:
             and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad))
 
 
-def _joint_of(linears: Sequence[AdaptableLinear]) -> JointProjection | None:
+def joint_of(linears: Sequence[AdaptableLinear]) -> JointProjection | None:
     """The group's joint tensors when they still back every linear, else None (and a stale joint
-    tensor, left behind by `.to()` or folding, is dropped so that its memory is freed)."""
+    tensor, left behind by `.to()` or folding, is dropped so that its memory is freed). What the linears add to
+    their outputs is the caller's business (`project` checks; the compiled decode step applies it itself)."""
     joint = getattr(linears[0], "_joint", None)
     if joint is None or len(joint.sizes) != len(linears):
         return None
@@ -69,7 +72,7 @@ def _joint_of(linears: Sequence[AdaptableLinear]) -> JointProjection | None:
 def _fuse_group(linears: Sequence[AdaptableLinear]) -> None:
     if any(m.quantized is not None for m in linears):  # packed low-bit weights (model/quantize.py): separate
         return
-    if _joint_of(linears) is not None:
+    if joint_of(linears) is not None:
         return
     if len({(m.weight.dtype, m.weight.device, m.in_features) for m in linears}) != 1:
         return
@@ -96,17 +99,9 @@ def fuse_projections(model: nn.Module) -> None:
             _fuse_group([getattr(getattr(layer, parent), n) for n in names])
 
 
-def frozen_joint(linears: Sequence[AdaptableLinear]) -> JointProjection | None:
-    """The group's joint tensors while they back every linear and no weight needs a gradient, whatever the
-    linears add to their outputs (a compiled decode step applies scales and extra biases itself), else None."""
-    joint = _joint_of(linears)
-    frozen = not any(m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad) for m in linears)
-    return joint if frozen else None
-
-
 def project(linears: Sequence[AdaptableLinear], x: torch.Tensor) -> list[torch.Tensor]:
     """The outputs of `linears` on `x`: one matmul over the joint weight when valid, else one each."""
-    joint = _joint_of(linears)
+    joint = joint_of(linears)
     if joint is not None and all(_plain(m) for m in linears):
         return list(F.linear(x, joint.weight, joint.bias).split(joint.sizes, dim=-1))
     return [m(x) for m in linears]
