@@ -37,6 +37,12 @@ def test_compiled_decode_matches_eager(tiny_folder):
     assert state.failed is None and state.compiled_steps == steps + 9
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
     assert all("joint_q_proj" in t and "joint_gate_proj" in t for t in state._tensors[1])
+    # ... and every other batch size of more than one row, whose size is dynamic in the matrix form
+    for prompts in (["hello", "the lazy dog"], ["a red circle", "hello", "the quick brown fox", "two", "three"]):
+        steps = state.compiled_steps
+        assert tokens(fast, tok, prompts) == tokens(eager, tok, prompts)
+        assert state.failed is None and state.compiled_steps == steps + 9
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
 
 
 def test_the_compiled_step_leaves_the_cache_s_last_position_to_the_eager_step(tiny_folder):
@@ -266,12 +272,14 @@ def test_the_worker_builds_inputs_laid_out_aliased_and_marked_dynamic_as_the_cal
     cache = torch.zeros(2, 3, 8)
     bias = torch.zeros(2, 1, 5)
     torch._dynamo.mark_dynamic(bias, 2)
+    torch._dynamo.maybe_mark_dynamic(bias, 0)
     job = pickle.loads(compile_worker.spec({"f": (cache, cache[:, :, :4], bias)}, 1, Path("done")))
     storages = [torch.UntypedStorage(n) for n in job["storage_sizes"]]
     full, view, marked = compile_worker.build(job["calls"]["f"], storages)
     assert view.untyped_storage().data_ptr() == full.untyped_storage().data_ptr() and view.stride() == cache.stride()
     assert marked.shape == bias.shape and marked._dynamo_dynamic_indices == {2}
-    assert not hasattr(full, "_dynamo_dynamic_indices")
+    assert marked._dynamo_weak_dynamic_indices == {0} and compile_worker.dynamic_dims(marked) == {0, 2}
+    assert not compile_worker.dynamic_dims(full)
 
 
 def test_default_decode_compiles_in_the_background_while_the_first_call_decodes_eagerly(tiny_folder, fast_by_default,

@@ -129,6 +129,24 @@ def test_with_compile_a_lone_row_decodes_on_its_adapters_compiled_step(base, mon
     assert 0 < state.compiled_steps - before < 15  # alone for its first 3 steps, in a mixed batch after them
 
 
+def test_with_compile_rows_of_one_adapter_decode_together_on_its_compiled_step(base, monkeypatch):
+    """serve --compile: rows of one adapter joining at different times decode on that adapter's compiled step (a
+    graph for a lone row, one for any larger batch, per buffer width), with the eager tokens. Compiled in process
+    here (`enable_compiled_decode`), so that every step runs on a graph; the background compile is the lone-row
+    test's."""
+    model, tok = base
+    lavin = _acting(weight_sharing_copy(model), la.LavinConfig(vision=None, rank=4), tok, 3)
+    jobs = [(lavin, "hello"), (lavin, "a red circle on a blue square"), (lavin, "yes no")]
+    expected = [la.generate(m, tok, text, max_new_tokens=12, chat=True)[0] for m, text in jobs]  # eager (conftest)
+    state = la.enable_compiled_decode(lavin)
+    batch = DecodeBatch(install_dispatchers(weight_sharing_copy(model)), shared=True, compiled=True)
+    rows = []
+    step = batch.step
+    monkeypatch.setattr(batch, "step", lambda: (rows.append(len(batch.rows)), step())[1])
+    assert _decode_together(batch, tok, jobs, 12, join_every=2)[0] == expected
+    assert state.failed is None and max(rows) == 3 and state.compiled_steps == len(rows)  # every step, 1-3 rows
+
+
 def test_a_mixed_batch_runs_its_hooks_as_per_row_tensors_equal_to_each_adapters_own(base, monkeypatch):
     """Rows of V1 adapters with different prompt lengths and layers, LaVIN adapters of different ranks and the
     bare base: the merged per-row hooks (serve/merged.py) give the logits that calling each adapter's own hooks

@@ -39,6 +39,12 @@ class TensorSpec:
     requires_grad: bool
     parameter: bool  # an nn.Parameter: the compiler treats those as static inputs, part of the cache key
     dynamic: tuple[int, ...] = ()  # dimensions marked dynamic (torch._dynamo.mark_dynamic): symbolic in the graph
+    maybe_dynamic: tuple[int, ...] = ()  # ... with maybe_mark_dynamic: symbolic unless the graph specialises them
+
+
+def dynamic_dims(t: torch.Tensor) -> set[int]:
+    """The dimensions of `t` marked dynamic, with mark_dynamic or maybe_mark_dynamic."""
+    return set(getattr(t, "_dynamo_dynamic_indices", ())) | set(getattr(t, "_dynamo_weak_dynamic_indices", ()))
 
 
 def describe(value: Any, storages: dict[int, tuple[int, int]]) -> Any:
@@ -52,7 +58,8 @@ def describe(value: Any, storages: dict[int, tuple[int, int]]) -> Any:
         index = storages.setdefault(key, (len(storages), storage.nbytes()))[0]
         return TensorSpec(index, int(value.storage_offset()), tuple(value.shape), tuple(value.stride()), value.dtype,
                           value.is_inference(), value.requires_grad, isinstance(value, nn.Parameter),
-                          tuple(sorted(getattr(value, "_dynamo_dynamic_indices", ()))))
+                          tuple(sorted(getattr(value, "_dynamo_dynamic_indices", ()))),
+                          tuple(sorted(getattr(value, "_dynamo_weak_dynamic_indices", ()))))
     if isinstance(value, dict):
         return {k: describe(v, storages) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
@@ -74,6 +81,8 @@ def build(value: Any, storages: list[torch.UntypedStorage]) -> Any:
             t.requires_grad_(True)
         for dim in value.dynamic:
             torch._dynamo.mark_dynamic(t, dim)
+        for dim in value.maybe_dynamic:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
         return t
     if isinstance(value, dict):
         return {k: build(v, storages) for k, v in value.items()}

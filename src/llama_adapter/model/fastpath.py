@@ -22,10 +22,11 @@ gradient recording, and no sliding window the step could exceed. Anything else t
 path, so attaching anything after enabling is safe. A failure to compile disables the fast path
 for that model with a warning.
 
-Each step attends only the keys written so far: their number is the graph's one dynamic size, so the work
+Each step attends only the keys written so far: their number is a dynamic size of the graph, so the work
 follows the sequence rather than the cache's length (rounded up so that one graph serves many calls); at 8
 rows this made the step 1.3x faster. With the matrix kernel, q/k/v and gate/up are one product each over the
-joint weights of model/fused.py (1.05x at 8 rows).
+joint weights of model/fused.py (1.05x at 8 rows), and the batch size is dynamic too (as fast as a graph for
+one size), so one graph serves every batch of two rows or more.
 
 It is the default on a CPU for batches of up to 64 rows (`default_decode`), where it was measured faster (one
 row with the reductions below, more with PyTorch's matrix kernel in the same graph), and compiles
@@ -62,8 +63,8 @@ _ATTR = "_compiled_decode"
 # On a CPU the graph's linears are multiply-and-sum reductions up to this many rows, which re-read the weights for
 # every row; above, PyTorch's matrix kernel (at 2 rows 1.19x the reductions; docs/benchmarks.md, Decoding).
 GEMV_MAX_ROWS = 1
-# The default step serves batches up to 64 rows, the largest measured (1.16x eager there, 1.27x at 32); each batch
-# size is one more background compile. enable_compiled_decode serves any batch.
+# The default step serves batches up to 64 rows, the largest measured (1.16x eager there, 1.27x at 32).
+# enable_compiled_decode serves any batch.
 DEFAULT_MAX_ROWS = 64
 ENV_SWITCH = "LLAMA_ADAPTER_FAST_DECODE"  # "0" / "off" / "false": no default fast path in this process
 MAX_BLOCKS_PER_GRAPH = 10
@@ -377,11 +378,17 @@ class CompiledDecode:
         bias = bias.masked_fill_(~valid, torch.finfo(torch.float32).min)[:, None, None, :]
         torch._dynamo.mark_dynamic(bias, 3)
         x = m.embed_tokens(token)  # a float table, or a quantized one (model/quantize.py)
-        gemv = self.gemv_for(token.shape[0])
+        rows = token.shape[0]
+        gemv = self.gemv_for(rows)
+        any_rows = not gemv and rows > 1  # the matrix form: one graph for every batch size
+        if any_rows:
+            for t in (x, cos, sin, bias):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         if self._tensors is None or self._tensors[0] is not cache:
-            rows = token.shape[0]
             tensors = _uniform([_block_tensors(cast(Block, b), cache, i, extras or {}, rows, joint=not gemv)
                                 for i, b in enumerate(m.layers)])
+            if any_rows:
+                _mark_rows(tensors, rows)
             shapes = _shapes(x, tensors) if self.background else None
             marker = compile_worker.marker(repr((shapes, gemv, self.group))) if self.background else None
             self._tensors = (cache, tensors, shapes, marker)
@@ -481,12 +488,30 @@ class _CopiedChoice:
     max_rows: int | None
 
 
+# What the routed adapters' `decode_terms` hold per row (dim 0 = batch): the up-projections mixed by each row's
+# routing weights. Their other tensors are weights, whose first size may equal the batch's by chance.
+ADAPTER_ROW_TERMS = ("up_w", "up_b")
+
+
+def _mark_rows(tensors: list[dict[str, Any]], rows: int) -> None:
+    """Mark the batch dimension of every per-row input of the blocks as dynamic (where the graph does not
+    specialise on it): the caches, the prompts' keys/values and gates held per row ([1, ...] when shared), the
+    routed adapters' mixed up-projections."""
+    for t in tensors:
+        per_row = [t["cache_k"], t["cache_v"], *(t[k] for k in ("prefix_k", "prefix_v", "prefix_gate") if k in t)]
+        per_row += [t[slot][k] for slot in ADAPTER_SLOTS if slot in t for k in ADAPTER_ROW_TERMS]
+        for v in per_row:
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows:
+                torch._dynamo.maybe_mark_dynamic(v, 0)
+
+
 def _shapes(x: torch.Tensor, tensors: list[dict[str, Any]]) -> tuple:
-    """What the graphs are specialised on: the shapes and dtypes of every input (one entry per distinct
-    layer), so that a graph compiled for one generation is known to serve another."""
+    """What the graphs are specialised on: the shapes (None for a size marked dynamic) and dtypes of every input
+    (one entry per distinct layer), so that a graph compiled for one generation is known to serve another."""
     def describe(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
-            return tuple(v.shape), v.dtype, v.device.type
+            dynamic = compile_worker.dynamic_dims(v)
+            return tuple(None if i in dynamic else n for i, n in enumerate(v.shape)), v.dtype, v.device.type
         if isinstance(v, dict):
             return tuple(sorted((k, describe(u)) for k, u in v.items()))
         if isinstance(v, (tuple, list)):

@@ -18,9 +18,9 @@ once per change of the rows instead: one prompt attention and one adapter per ho
 Adapters that change the frozen linears themselves (V2's scales and biases, LoRA) cannot share it:
 they decode in a batch of their own (`shares_base`).
 
-With `compiled` (`serve --compile`), a batch of one row decodes on its adapter's compiled step (model/fastpath.py:
-la.generate's default on a CPU, compiled in the background while the row decodes eagerly), over the batch's own
-buffers; batches of more rows decode eagerly.
+With `compiled` (`serve --compile`), a batch whose rows are all of one adapter (or all of the bare base) decodes on
+that model's compiled step (model/fastpath.py: la.generate's default on a CPU, compiled in the background while
+the rows decode eagerly), over the batch's own buffers; rows of several adapters decode eagerly.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ class DecodeBatch:
         self.valid[:n, col] = True
         tokens = torch.tensor([r.token for r in self.rows], device=dev)[:, None]
         positions = torch.tensor([r.position for r in self.rows], device=dev)[:, None]
-        logits = self._compiled_step(groups[0], tokens, positions) if self.compiled and n == 1 else None
+        logits = self._compiled_step(groups[0], tokens, positions) if self.compiled and len(groups) == 1 else None
         if logits is None:
             cache = KVCache.hook_state(col, prefix, state)
             cache.k, cache.v, cache.max_len = self.k[:, :n], self.v[:, :n], self.capacity[1]
@@ -274,23 +274,23 @@ class DecodeBatch:
         return logits
 
     def _compiled_step(self, group: RowGroup, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-        """The step of a lone row (its group's hook context) on the compiled graph of its model, writing into the
-        batch's buffers; None where it does not apply (the graph is not compiled yet, or cannot serve this model).
-        Batches of more rows stay eager: each row count and buffer width would be another graph to compile (the
-        graph's batch size is fixed), although in la.generate it is faster than eager at every batch size."""
-        cols = self.capacity[1]
+        """The step of a batch whose rows are all of one adapter (its group's hook context) on the compiled graph of
+        its model, writing into the batch's buffers; None where it does not apply (the graph is not compiled yet,
+        or cannot serve this model). One graph serves a lone row and one every larger batch (model/fastpath.py);
+        rows of several adapters decode eagerly, through the shared model's per-row hooks."""
+        cols, n = self.capacity[1], len(self.rows)
         fast = default_decode(group.model if self.shared else self.model)
-        if fast is None or not fast.usable(cols, 1):
+        if fast is None or not fast.usable(cols, n):
             return None
         made_for = (group, self.k)  # the row and the buffer: a new cache (and inputs of the step) when either changes
         if self._fast is None or any(a is not b for a, b in zip(self._fast[:2], made_for)):
             hooks = cast(KVCache, group.ctx.cache)
             cache = KVCache.hook_state(cols, hooks.prefix, hooks.state)
-            cache.k, cache.v = self.k[:, :1], self.v[:, :1]
+            cache.k, cache.v = self.k[:, :n], self.v[:, :n]
             self._fast = (*made_for, cache)
         cache = self._fast[2]
         cache.length, cache.max_len = self.length, cols
-        key_valid = self.valid[:1, :cols].clone()
+        key_valid = self.valid[:n, :cols].clone()
         key_valid[:, self.length + 1:] = False  # columns past the step's may hold what earlier rows left there
         return fast.step(tokens[:, 0], positions[:, 0], cache, key_valid, group.ctx.extras)
 
