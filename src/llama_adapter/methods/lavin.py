@@ -184,7 +184,8 @@ class ModalityRoutedAdapter(MMAdapter):
 
     def decode_terms(self, cache: KVCache, rows: int) -> dict[str, Any]:
         """For the compiled decode step (model/fastpath.py), after the prefill: the adapter's tensors, with the
-        up-projections mixed by the routing weights the prefill fixed."""
+        up-projections mixed by the routing weights the prefill fixed (`up_w` and `up_b` per row, dim 0 = batch:
+        fastpath.ADAPTER_ROW_TERMS)."""
         if self.routed and self.key not in cache.state:
             raise ValueError("LaVIN decode step without routing weights in the cache: decode after a prefill")
         weights = cache.state[self.key] if self.routed else self.fixed_weights(rows, self.down.weight.device)
