@@ -380,14 +380,14 @@ class CompiledDecode:
         x = m.embed_tokens(token)  # a float table, or a quantized one (model/quantize.py)
         rows = token.shape[0]
         gemv = self.gemv_for(rows)
-        any_rows = not gemv and rows > 1  # the matrix form: one graph for every batch size
-        if any_rows:
+        dynamic_batch = not gemv and rows > 1  # the matrix form: one graph for every batch size
+        if dynamic_batch:
             for t in (x, cos, sin, bias):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         if self._tensors is None or self._tensors[0] is not cache:
             tensors = _uniform([_block_tensors(cast(Block, b), cache, i, extras or {}, rows, joint=not gemv)
                                 for i, b in enumerate(m.layers)])
-            if any_rows:
+            if dynamic_batch:
                 _mark_rows(tensors, rows)
             shapes = _shapes(x, tensors) if self.background else None
             marker = compile_worker.marker(repr((shapes, gemv, self.group))) if self.background else None

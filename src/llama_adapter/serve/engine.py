@@ -129,7 +129,7 @@ class DecodeBatch:
         self.model = model
         self.shared = shared  # dispatchers in the hooks (install_dispatchers); else the rows' own model
         self.compiled = compiled  # a lone row on its adapter's compiled step, where it applies
-        self._fast: tuple[Any, ...] | None = None  # what the compiled step's cache was made for, and the cache
+        self._fast: tuple[Any, ...] | None = None  # rows and buffer the step's cache was made for, the cache, the step
         self.rows: list[Row] = []
         self.length = 0  # columns in use; every row's newest token is in column length - 1
         cfg = model.config
@@ -279,16 +279,18 @@ class DecodeBatch:
         or cannot serve this model). One graph serves a lone row and one every larger batch (model/fastpath.py);
         rows of several adapters decode eagerly, through the shared model's per-row hooks."""
         cols, n = self.capacity[1], len(self.rows)
-        fast = default_decode(group.model if self.shared else self.model)
-        if fast is None or not fast.usable(cols, n):
-            return None
-        made_for = (group, self.k)  # the row and the buffer: a new cache (and inputs of the step) when either changes
+        made_for = (group, self.k)  # the rows and the buffer: a new cache (and inputs of the step) when either changes
         if self._fast is None or any(a is not b for a, b in zip(self._fast[:2], made_for)):
+            # whether the graph serves these rows and this buffer is decided once for them, as la.generate decides
+            # once per generation (a walk over the model's modules: ~0.3 ms, which every step would pay)
+            fast = default_decode(group.model if self.shared else self.model)
             hooks = cast(KVCache, group.ctx.cache)
             cache = KVCache.hook_state(cols, hooks.prefix, hooks.state)
             cache.k, cache.v = self.k[:, :n], self.v[:, :n]
-            self._fast = (*made_for, cache)
-        cache = self._fast[2]
+            self._fast = (*made_for, cache, fast if fast is not None and fast.usable(cols, n) else None)
+        cache, fast = self._fast[2:]
+        if fast is None:
+            return None
         cache.length, cache.max_len = self.length, cols
         key_valid = self.valid[:n, :cols].clone()
         key_valid[:, self.length + 1:] = False  # columns past the step's may hold what earlier rows left there
