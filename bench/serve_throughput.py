@@ -193,9 +193,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--compile", action="store_true",
                     help="serve --compile, against la.generate's default compiled step (both warmed up)")
-    ap.add_argument("--compile-warmup", type=float, default=180.0,
-                    help="with --compile: seconds of single requests and 8-stream bursts while the server compiles in "
-                         "the background")
+    ap.add_argument("--compile-warmup", type=float, default=240.0,
+                    help="with --compile: seconds of single requests and 8-stream bursts (one adapter, mixed) while "
+                         "the server compiles in the background")
     ap.add_argument("--quick", action="store_true", help="smoke run: 8 tokens, 1 repetition, memory with 0..2 adapters")
     ap.add_argument("--name", default=None,
                     help="results name (default serve_throughput, serve_throughput_quick with --quick)")
@@ -242,17 +242,18 @@ def main() -> int:
             def streams(models: list[str]) -> Callable[[], dict[str, Any]]:
                 return lambda: stream_figures(asyncio.run(run_streams(server.url, models, n, a.timeout)), str(models))
 
-            if a.compile:  # lone requests and batches of v1 rows until the server's background compiles are done
+            mixed = [SERVED[i % len(SERVED)].name for i in range(STREAMS)]
+            if a.compile:  # lone requests, batches of v1 rows and mixed batches until the background compiles are done
                 end = time.time() + a.compile_warmup  # (no signal: time)
                 while time.time() < end:
                     for model in ("v1", "base"):
                         dt, _, _ = completion(server.url, model, n, a.timeout)
                         print(f"compile warm-up: {model} {n / dt:.1f} tokens/s", flush=True)
-                    burst = streams(["v1"] * STREAMS)()
-                    print(f"compile warm-up: {STREAMS} x v1 {burst['decode_tokens_per_s']:.1f} tokens/s", flush=True)
+                    for label, models in ((f"{STREAMS} x v1", ["v1"] * STREAMS), ("mixed", mixed)):
+                        burst = streams(models)()
+                        print(f"compile warm-up: {label} {burst['decode_tokens_per_s']:.1f} tokens/s", flush=True)
                     time.sleep(10)
 
-            mixed = [SERVED[i % len(SERVED)].name for i in range(STREAMS)]
             runs = alternate({"1 stream, v1": streams(["v1"]), f"{STREAMS} streams, v1": streams(["v1"] * STREAMS),
                               f"{STREAMS} streams, v1/lavin/v1b": streams(mixed)}, a.reps)
 

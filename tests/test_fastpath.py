@@ -20,6 +20,7 @@ def tokens(model, tok, prompts, n=10, images=None):
 
 
 def test_compiled_decode_matches_eager(tiny_folder):
+    torch._dynamo.reset()  # it counts the graphs compiled: none from an earlier test's same shapes
     eager, tok = la.load_pretrained(tiny_folder)
     fast, _ = la.load_pretrained(tiny_folder)
     state = la.enable_compiled_decode(fast)
@@ -62,6 +63,33 @@ def test_the_compiled_step_leaves_the_cache_s_last_position_to_the_eager_step(ti
             key_valid = torch.ones((1, size), dtype=torch.bool)
             got = CompiledDecode(model).step(first.argmax(-1), torch.tensor([length]), cache, key_valid)
             assert (got is not None) == usable and cache.length == length + usable
+
+
+def test_one_graph_pair_serves_caches_of_every_length(tiny_folder):
+    """The cache's length is a dynamic size of the graph: caches of three lengths (la.generate's rounded-up ones, the
+    server's buffer widths) decode on one block graph and one head graph, each with the eager tokens."""
+    from llama_adapter.generate import prepare_prompts
+    from llama_adapter.model.fastpath import CompiledDecode
+
+    torch._dynamo.reset()  # counted below
+    model, tok = la.load_pretrained(tiny_folder)
+    expected = tokens(model, tok, ["hello"], n=6)  # eager (conftest)
+    batch = prepare_prompts(model, tok, [tok.encode("hello")], None)
+    length = batch.attention_mask.shape[1]
+    state = CompiledDecode(model)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for size in (length + 8, 64, 200):
+            cache = model.new_cache(1, size)
+            logits = model(batch.input_ids, attention_mask=batch.attention_mask, cache=cache,
+                           output_positions=(slice(None), -1))
+            got, key_valid = [logits.argmax(-1)], torch.ones((1, size), dtype=torch.bool)
+            for i in range(5):
+                logits = state.step(got[-1], torch.tensor([length + i]), cache, key_valid)
+                got.append(logits.argmax(-1))
+            assert [[int(t) for t in step] for step in got] == expected
+    assert state.failed is None and state.compiled_steps == 15
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
 
 
 ADAPTED = {

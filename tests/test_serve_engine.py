@@ -56,6 +56,7 @@ def _ids(tok, text):
     return tok.encode(tok.chat_prompt([{"role": "user", "content": text}]), add_special_tokens=False)
 
 
+@torch.inference_mode()  # as the server's scheduler runs the batch
 def _decode_together(batch, tok, jobs, n_new, join_every=4):
     """Greedy: each (model, text) job joins `batch` `join_every` steps after the one before; their texts, the most
     adapters one step served, and the most tokens one job decoded."""
@@ -107,7 +108,7 @@ def test_rows_of_different_adapters_joining_at_different_times_decode_as_each_al
 def test_with_compile_a_lone_row_decodes_on_its_adapters_compiled_step(base, monkeypatch, tmp_path):
     """serve --compile: a lone sequence of one adapter decodes on that adapter's compiled step over the batch's
     buffers once its background compile is done, with the eager tokens; a second adapter joining sends the batch
-    back to the eager step."""
+    to the shared model's step (eager while its own graph compiles in the background)."""
     from llama_adapter.model.fastpath import compiled_decode_of
 
     model, tok = base
@@ -127,6 +128,8 @@ def test_with_compile_a_lone_row_decodes_on_its_adapters_compiled_step(base, mon
     before = state.compiled_steps
     assert _decode_together(batch, tok, jobs, 16, join_every=3)[0] == expected
     assert 0 < state.compiled_steps - before < 15  # alone for its first 3 steps, in a mixed batch after them
+    mixed = compiled_decode_of(batch.model)
+    assert mixed is not None and mixed.wait(300) and mixed.failed is None  # the mixed batch's graph compiled
 
 
 def test_with_compile_rows_of_one_adapter_decode_together_on_its_compiled_step(base, monkeypatch):
@@ -145,6 +148,67 @@ def test_with_compile_rows_of_one_adapter_decode_together_on_its_compiled_step(b
     monkeypatch.setattr(batch, "step", lambda: (rows.append(len(batch.rows)), step())[1])
     assert _decode_together(batch, tok, jobs, 12, join_every=2)[0] == expected
     assert state.failed is None and max(rows) == 3 and state.compiled_steps == len(rows)  # every step, 1-3 rows
+
+
+def _mixed_steps(batch, monkeypatch) -> list[bool]:
+    """Filled as `batch` steps: whether each step's rows were of several adapters."""
+    mixed: list[bool] = []
+    step = batch.step
+    monkeypatch.setattr(batch, "step", lambda: (mixed.append(batch.adapters_in_step() > 1), step())[1])
+    return mixed
+
+
+def test_with_compile_rows_of_several_adapters_decode_together_on_the_shared_compiled_step(base, monkeypatch):
+    """serve --compile: rows of V1 adapters with different prompt lengths and layers, LaVIN adapters of different
+    ranks (one grouped) and the bare base decode together on the shared model's compiled step, the graph reading
+    their merged per-row hooks (prompts padded and masked, a down-projection per row), with the eager tokens."""
+    model, tok = base
+    v1 = _acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=3, n_layers=2), tok, 1)
+    v1b = _acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=5, n_layers=3), tok, 2)
+    lavin = _acting(weight_sharing_copy(model), la.LavinConfig(vision=None, rank=4), tok, 3)
+    lavin_g = _acting(weight_sharing_copy(model), la.LavinConfig(vision=None, rank=8, groups=4), tok, 4)
+    plain = weight_sharing_copy(model)
+    jobs = [(v1, "hello"), (lavin, "a red circle on a blue square"), (v1b, "yes no"), (lavin_g, "the quick fox"),
+            (plain, "what colour is it"), (v1, "one two three")]
+    expected = [la.generate(m, tok, text, max_new_tokens=10, chat=True)[0] for m, text in jobs]  # eager (conftest)
+    shared = install_dispatchers(weight_sharing_copy(model))
+    state = la.enable_compiled_decode(shared)
+    batch = DecodeBatch(shared, shared=True, compiled=True)
+    mixed = _mixed_steps(batch, monkeypatch)
+    got, adapters_seen, _ = _decode_together(batch, tok, jobs, 10, join_every=2)
+    assert got == expected
+    assert state.failed is None and adapters_seen >= 4
+    assert state.compiled_steps == sum(mixed) > 10  # every mixed step on the graph
+
+
+def test_with_compile_one_mix_of_adapters_is_one_graph_pair_for_every_batch_size_and_buffer_width(base, monkeypatch):
+    """Rows of a V1 and a LaVIN adapter join and leave (2-4 rows in the mixed steps) and decode past the buffer's
+    first 64 columns (it grows): the blocks and the head are compiled once each."""
+    model, tok = base
+    v1 = _acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=3, n_layers=2), tok, 1)
+    lavin = _acting(weight_sharing_copy(model), la.LavinConfig(vision=None, rank=4), tok, 3)
+    jobs = [(v1, "hello"), (lavin, "a red circle"), (v1, "yes no"), (lavin, "the quick brown fox")]
+    shared = install_dispatchers(weight_sharing_copy(model))
+    state = la.enable_compiled_decode(shared)
+    torch._dynamo.reset()  # no graph of an earlier test for the same inputs
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    batch = DecodeBatch(shared, shared=True, compiled=True)
+    mixed = _mixed_steps(batch, monkeypatch)
+    _, adapters_seen, longest = _decode_together(batch, tok, jobs, 60, join_every=3)
+    assert state.failed is None and adapters_seen == 2 and state.compiled_steps == sum(mixed) > 50
+    assert longest + len(_ids(tok, "hello")) > 64  # past the first buffer width
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
+
+
+def test_rows_joining_grow_the_buffer_s_rows_not_its_width(base):
+    """Every width is a shape of the compiled step's inputs: rows joining keep it (it grows with the columns)."""
+    model, tok = base
+    batch = DecodeBatch(install_dispatchers(weight_sharing_copy(model)), shared=True)
+    for i in range(5):
+        pre = prefill(model, tok, _ids(tok, "hello"))
+        batch.admit(Row(model, "base", pre.prefix, pre.state, pre.extras, pre.position, 0, i), pre)
+        rows, width = batch.capacity
+        assert rows >= i + 1 and width == 64
 
 
 def test_a_mixed_batch_runs_its_hooks_as_per_row_tensors_equal_to_each_adapters_own(base, monkeypatch):

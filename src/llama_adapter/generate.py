@@ -83,10 +83,11 @@ def prepare_prompts(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequenc
 
 
 def _cache_length(needed: int, limit: int, fast: bool) -> int:
-    """The compiled step has fixed shapes: round its cache up so that one graph serves many calls."""
+    """Room past what is needed for the compiled step, whose step that writes a cache's last position decodes
+    eagerly (model/fastpath.py); rounded up to 256 positions, few distinct sizes."""
     if not fast:
         return needed
-    return max(needed, min(limit, -(-needed // 256) * 256))
+    return max(needed, min(limit, -(-(needed + 1) // 256) * 256))
 
 
 @torch.inference_mode()

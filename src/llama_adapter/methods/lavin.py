@@ -182,10 +182,10 @@ class ModalityRoutedAdapter(MMAdapter):
             cache.state[key_b] = w[:, 0:1] * self.up0.bias + w[:, 1:2] * self.up1.bias
         return cache.state[key_w], cache.state[key_b]
 
-    def decode_terms(self, cache: KVCache, rows: int) -> dict[str, Any]:
+    def decode_terms(self, cache: KVCache, rows: int, extras: dict[str, Any] | None = None) -> dict[str, Any]:
         """For the compiled decode step (model/fastpath.py), after the prefill: the adapter's tensors, with the
         up-projections mixed by the routing weights the prefill fixed (`up_w` and `up_b` per row, dim 0 = batch:
-        fastpath.ADAPTER_ROW_TERMS)."""
+        fastpath.ADAPTER_ROW_RANKS). `extras`, the method inputs, are not needed here."""
         if self.routed and self.key not in cache.state:
             raise ValueError("LaVIN decode step without routing weights in the cache: decode after a prefill")
         weights = cache.state[self.key] if self.routed else self.fixed_weights(rows, self.down.weight.device)

@@ -135,11 +135,16 @@ def _linears(h: torch.Tensor, t: dict[str, Any], names: tuple[str, ...], use_gem
 
 def _routed_adapter(h: torch.Tensor, a: dict[str, Any], use_gemv: bool) -> torch.Tensor:
     """LaVIN's MM-adapter with its routing weights fixed at prefill: h + s (w0 U0(D h) + w1 U1(D h)), with the
-    two up-projections mixed into one per row beforehand (ModalityRoutedAdapter.mixed_up). On a CPU both
-    projections are written as multiply-and-sum, which inductor fuses with the work around them instead of
-    calling two small matmuls."""
-    x = h.to(a["down_w"].dtype)
-    hidden = _gemv(x, a["down_w"], a["down_b"]) if use_gemv else F.linear(x, a["down_w"], a["down_b"])
+    two up-projections mixed into one per row beforehand (ModalityRoutedAdapter.mixed_up); the down-projection
+    is the adapter's, or one per row (`ADAPTER_ROW_RANKS`). On a CPU both projections are written as
+    multiply-and-sum, which inductor fuses with the work around them instead of calling two small matmuls."""
+    x, down_w = h.to(a["down_w"].dtype), a["down_w"]
+    if use_gemv:
+        hidden = _gemv(x, down_w, a["down_b"])
+    elif down_w.dim() == 3:  # a down-projection per row (a mixed server batch: serve/merged.py)
+        hidden = torch.einsum("bc,brc->br", x, down_w) + a["down_b"]
+    else:
+        hidden = F.linear(x, down_w, a["down_b"])
     hg = hidden.unflatten(-1, (a["up_w"].shape[1], -1))  # grouped up-projection (GroupedUp), per row
     up_w = a["up_w"].to(hidden.dtype)
     up = (hg.unsqueeze(-2) * up_w).sum(-1) if use_gemv else torch.einsum("bgk,bgok->bgo", hg, up_w)
@@ -177,7 +182,10 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
     out = (probs * cache_v.float().unsqueeze(2)).sum(-2).to(x.dtype)  # [B, G, rep, d]
     if "prefix_k" in t:  # the gated prefix: its own softmax over the prompt's keys, times the gate
         pk, pv = t["prefix_k"].float().unsqueeze(2), t["prefix_v"].float().unsqueeze(2)  # [B|1, G, 1, P, d]
-        p_probs = ((qg * pk).sum(-1) * (d ** -0.5)).softmax(-1).unsqueeze(-1)  # [B, G, rep, P, 1]
+        p_scores = (qg * pk).sum(-1) * (d ** -0.5)  # [B, G, rep, P]
+        if "prefix_bias" in t:  # rows with shorter prompts than others: -inf past their own [B, 1, 1, P]
+            p_scores = p_scores + t["prefix_bias"]
+        p_probs = p_scores.softmax(-1).unsqueeze(-1)  # [B, G, rep, P, 1]
         p_out = (p_probs * pv).sum(-2).to(x.dtype)  # [B, G, rep, d]
         out = out + t["prefix_gate"].to(x.dtype).view(-1, G, n_heads // G, 1) * p_out
     x = x + _linear(out.reshape(B, n_heads * d), t, "o_proj", use_gemv)
@@ -225,7 +233,9 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
                 del t["w" + name], t["b" + name]
     prefix, adapters = hook_terms(layer, cache, extras, rows)
     if prefix is not None:
-        t["prefix_k"], t["prefix_v"], t["prefix_gate"] = prefix
+        t["prefix_k"], t["prefix_v"], t["prefix_gate"] = prefix[:3]
+        if len(prefix) > 3 and prefix[3] is not None:
+            t["prefix_bias"] = prefix[3]
     t.update(adapters)
     return t
 
@@ -233,12 +243,17 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
 def hook_terms(layer: Block, cache: KVCache, extras: dict[str, Any],
                rows: int) -> tuple[tuple | None, dict[str, dict[str, Any]]]:
     """What the block's hooks add to a decode step after the prefill, from their `decode_terms`: the gated prefix's
-    keys, values and gates (None where it adds nothing to these rows), and each routed adapter's tensors by slot.
-    Used by the compiled step and by the server's mixed batches (serve/merged.py)."""
+    keys, values, gates and optionally an additive bias over the prompt's keys (None where it adds nothing to
+    these rows), and each routed adapter's tensors by slot (where it adds something). Used by the compiled step
+    and by the server's mixed batches (serve/merged.py)."""
     attn = layer.self_attn
     prefix = None if attn.prefix is None else cast(Any, attn.prefix).decode_terms(attn, cache, extras)
-    adapters = {slot: cast(Any, getattr(layer, slot)).decode_terms(cache, rows)
-                for slot in ADAPTER_SLOTS if getattr(layer, slot) is not None}
+    adapters = {}
+    for slot in ADAPTER_SLOTS:
+        hook = getattr(layer, slot)
+        terms = None if hook is None else cast(Any, hook).decode_terms(cache, rows, extras)
+        if terms is not None:
+            adapters[slot] = terms
     return prefix, adapters
 
 
@@ -261,6 +276,8 @@ def _uniform(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "prefix_k" not in t and any("prefix_k" in u for u in layers):
             t["prefix_k"], t["prefix_v"] = torch.zeros_like(like("prefix_k")), torch.zeros_like(like("prefix_v"))
             t["prefix_gate"] = torch.zeros_like(like("prefix_gate"))
+        if "prefix_bias" not in t and any("prefix_bias" in u for u in layers):
+            t["prefix_bias"] = torch.zeros_like(like("prefix_bias"))
         for slot in ADAPTER_SLOTS:
             if slot not in t and any(slot in u for u in layers):
                 t[slot] = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
@@ -387,8 +404,7 @@ class CompiledDecode:
         if self._tensors is None or self._tensors[0] is not cache:
             tensors = _uniform([_block_tensors(cast(Block, b), cache, i, extras or {}, rows, joint=not gemv)
                                 for i, b in enumerate(m.layers)])
-            if dynamic_batch:
-                _mark_rows(tensors, rows)
+            _mark_dynamic(tensors, rows if dynamic_batch else None)
             shapes = _shapes(x, tensors) if self.background else None
             marker = compile_worker.marker(repr((shapes, gemv, self.group))) if self.background else None
             self._tensors = (cache, tensors, shapes, marker)
@@ -488,18 +504,27 @@ class _CopiedChoice:
     max_rows: int | None
 
 
-# What the routed adapters' `decode_terms` hold per row (dim 0 = batch): the up-projections mixed by each row's
-# routing weights. Their other tensors are weights, whose first size may equal the batch's by chance.
-ADAPTER_ROW_TERMS = ("up_w", "up_b")
+# When the routed adapters' `decode_terms` hold a tensor per row (dim 0 = batch): by its rank. The up-projections
+# mixed by each row's routing weights always are; the down-projection is the adapter's own weight ([R, C], [R]:
+# its first size may equal the batch's by chance) except in a mixed server batch (serve/merged.py).
+ADAPTER_ROW_RANKS = {"up_w": 4, "up_b": 2, "down_w": 3, "down_b": 2}
 
 
-def _mark_rows(tensors: list[dict[str, Any]], rows: int) -> None:
-    """Mark the batch dimension of every per-row input of the blocks as dynamic (where the graph does not
-    specialise on it): the caches, the prompts' keys/values and gates held per row ([1, ...] when shared), the
-    routed adapters' mixed up-projections."""
+def _mark_dynamic(tensors: list[dict[str, Any]], rows: int | None) -> None:
+    """Mark the sizes the graph need not specialise on as dynamic: the caches' length (one graph for every cache,
+    la.generate's rounded-up ones and the server's buffer widths alike), and with `rows` (the matrix form) the
+    batch dimension of every per-row input of the blocks: the caches, the prompts' keys/values, gates and bias
+    held per row ([1, ...] when shared), the routed adapters' per-row projections."""
     for t in tensors:
-        per_row = [t["cache_k"], t["cache_v"], *(t[k] for k in ("prefix_k", "prefix_v", "prefix_gate") if k in t)]
-        per_row += [t[slot][k] for slot in ADAPTER_SLOTS if slot in t for k in ADAPTER_ROW_TERMS]
+        for cache in (t["cache_k"], t["cache_v"]):
+            torch._dynamo.maybe_mark_dynamic(cache, 2)
+    if rows is None:
+        return
+    prompt = ("prefix_k", "prefix_v", "prefix_gate", "prefix_bias")
+    for t in tensors:
+        per_row = [t["cache_k"], t["cache_v"], *(t[k] for k in prompt if k in t)]
+        per_row += [v for slot in ADAPTER_SLOTS if slot in t for k, v in t[slot].items()
+                    if isinstance(v, torch.Tensor) and v.dim() == ADAPTER_ROW_RANKS.get(k)]
         for v in per_row:
             if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows:
                 torch._dynamo.maybe_mark_dynamic(v, 0)

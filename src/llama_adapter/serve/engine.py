@@ -20,7 +20,8 @@ they decode in a batch of their own (`shares_base`).
 
 With `compiled` (`serve --compile`), a batch whose rows are all of one adapter (or all of the bare base) decodes on
 that model's compiled step (model/fastpath.py: la.generate's default on a CPU, compiled in the background while
-the rows decode eagerly), over the batch's own buffers; rows of several adapters decode eagerly.
+the rows decode eagerly), over the batch's own buffers; rows of several adapters decode on the shared model's
+compiled step, its dispatchers giving the graph the merged per-row tensors (`decode_terms`).
 """
 
 from __future__ import annotations
@@ -146,13 +147,15 @@ class DecodeBatch:
         return (self.k.shape[1], self.k.shape[3]) if self.k.dim() == 5 else (0, 0)
 
     def _reserve(self, rows: int, cols: int) -> None:
-        """Grow the buffers (doubling, columns up to the context) to hold `rows` x `cols`, keeping the data."""
+        """Grow the buffers (doubling, columns up to the context) to hold `rows` x `cols`, keeping the data. Rows
+        and columns grow apart: a row joining leaves the width as it is (every width is a shape of the compiled
+        step's inputs)."""
         have_rows, have_cols = self.capacity
         if rows <= have_rows and cols <= have_cols:
             return
         limit = self.model.config.max_seq_len
-        new_rows = max(rows, min(2 * have_rows, max(rows, 64)), 1)
-        new_cols = min(max(cols, 2 * have_cols, 64), limit)
+        new_rows = have_rows if rows <= have_rows else max(rows, min(2 * have_rows, max(rows, 64)), 1)
+        new_cols = have_cols if cols <= have_cols else min(max(cols, 2 * have_cols, 64), limit)
         if cols > new_cols:
             raise ValueError(f"{cols} columns exceed the model's context of {limit}")
         L, G, d = self._shape
@@ -216,17 +219,20 @@ class DecodeBatch:
         self._groups = None
 
     def _make_room(self) -> None:
-        """Make column `length` writable: drop columns no row uses, else grow."""
-        n = len(self.rows)
-        if self.length < self.capacity[1]:
+        """Make column `length` writable, with a column to spare below the context's width (a step whose keys
+        fill its buffer decodes eagerly: model/fastpath.py): drop columns no row uses, else grow."""
+        n, cols = len(self.rows), self.capacity[1]
+        spare = int(cols < self.model.config.max_seq_len)
+        if self.length + spare < cols:
             return
         used = self.valid[:n, :self.length].any(0)
         unused = int(used.long().argmax()) if bool(used.any()) else self.length
         if unused:
             self._shift(-unused)
         else:
-            self._reserve(n, self.length + 1)
+            self._reserve(n, self.length + 1 + spare)
 
+    @torch.inference_mode()  # its tensors are the compiled step's inputs, whose guards tell inference tensors apart
     def _row_groups(self) -> tuple[list[RowGroup], MergedHooks | None, dict, dict, dict]:
         """Per adapter: its rows and hook context; for rows of several adapters, their hooks as per-row tensors;
         and (when not shared) the whole batch's prefix/state/extras."""
@@ -259,7 +265,8 @@ class DecodeBatch:
         self.valid[:n, col] = True
         tokens = torch.tensor([r.token for r in self.rows], device=dev)[:, None]
         positions = torch.tensor([r.position for r in self.rows], device=dev)[:, None]
-        logits = self._compiled_step(groups[0], tokens, positions) if self.compiled and len(groups) == 1 else None
+        compiled = self.compiled and (len(groups) == 1 or merged is not None)
+        logits = self._compiled_step(groups, merged, tokens, positions) if compiled else None
         if logits is None:
             cache = KVCache.hook_state(col, prefix, state)
             cache.k, cache.v, cache.max_len = self.k[:, :n], self.v[:, :n], self.capacity[1]
@@ -273,28 +280,41 @@ class DecodeBatch:
             r.position += 1
         return logits
 
-    def _compiled_step(self, group: RowGroup, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-        """The step of a batch whose rows are all of one adapter (its group's hook context) on the compiled graph of
-        its model, writing into the batch's buffers; None where it does not apply (the graph is not compiled yet,
-        or cannot serve this model). One graph serves a lone row and one every larger batch (model/fastpath.py);
-        rows of several adapters decode eagerly, through the shared model's per-row hooks."""
+    def _compiled_step(self, groups: list[RowGroup], merged: MergedHooks | None, tokens: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor | None:
+        """The step on a compiled graph, writing into the batch's buffers: rows all of one adapter on its model's
+        graph (with its group's hook context), rows of several on the shared model's (with their merged hooks);
+        None where it does not apply (the graph is not compiled yet, or cannot serve this model). One graph serves a
+        lone row and one every larger batch (model/fastpath.py)."""
         cols, n = self.capacity[1], len(self.rows)
-        made_for = (group, self.k)  # the rows and the buffer: a new cache (and inputs of the step) when either changes
+        made_for = (groups[0] if merged is None else merged, self.k)  # the rows and the buffer: new inputs on a change
         if self._fast is None or any(a is not b for a, b in zip(self._fast[:2], made_for)):
             # whether the graph serves these rows and this buffer is decided once for them, as la.generate decides
             # once per generation (a walk over the model's modules: ~0.3 ms, which every step would pay)
-            fast = default_decode(group.model if self.shared else self.model)
-            hooks = cast(KVCache, group.ctx.cache)
-            cache = KVCache.hook_state(cols, hooks.prefix, hooks.state)
+            if merged is None:
+                group = groups[0]
+                model, extras = group.model if self.shared else self.model, group.ctx.extras
+                hooks = cast(KVCache, group.ctx.cache)
+                cache = KVCache.hook_state(cols, hooks.prefix, hooks.state)
+            else:
+                model, extras, cache = self.model, {MERGED: merged}, KVCache.hook_state(cols, {}, {})
+            fast = default_decode(model)
             cache.k, cache.v = self.k[:, :n], self.v[:, :n]
-            self._fast = (*made_for, cache, fast if fast is not None and fast.usable(cols, n) else None)
-        cache, fast = self._fast[2:]
+            self._fast = (*made_for, cache, extras, fast if fast is not None and fast.usable(cols, n) else None)
+        cache, extras, fast = self._fast[2:]
         if fast is None:
             return None
         cache.length, cache.max_len = self.length, cols
         key_valid = self.valid[:n, :cols].clone()
         key_valid[:, self.length + 1:] = False  # columns past the step's may hold what earlier rows left there
-        return fast.step(tokens[:, 0], positions[:, 0], cache, key_valid, group.ctx.extras)
+        return fast.step(tokens[:, 0], positions[:, 0], cache, key_valid, extras)
+
+
+def _merged(extras: dict[str, Any]) -> MergedHooks:
+    merged = extras.get(MERGED)
+    if merged is None:
+        raise ValueError("the shared batch's compiled step needs its rows' merged hooks (serve/merged.py)")
+    return cast(MergedHooks, merged)
 
 
 class PrefixDispatch(nn.Module):
@@ -303,6 +323,11 @@ class PrefixDispatch(nn.Module):
     def __init__(self, layer: int):
         super().__init__()
         self.layer = layer
+
+    def decode_terms(self, attn: nn.Module, cache: KVCache, extras: dict[str, Any]) -> tuple | None:
+        """For the compiled step of a mixed batch: the merged prompts' keys, values, gates and padding bias."""
+        prompts = _merged(extras).prompts.get(self.layer)
+        return None if prompts is None else (prompts.k, prompts.v, prompts.gate, prompts.bias)
 
     def forward(self, attn: nn.Module, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         merged: MergedHooks | None = ctx.extras.get(MERGED)
@@ -329,6 +354,15 @@ class AdapterDispatch(nn.Module):
     def __init__(self, layer: int, slot: str):
         super().__init__()
         self.layer, self.slot = layer, slot
+
+    def decode_terms(self, cache: KVCache, rows: int, extras: dict[str, Any]) -> dict[str, Any] | None:
+        """For the compiled step of a mixed batch: the merged adapters as per-row projections (model/fastpath.py's
+        routed adapter with a down-projection per row, one group, the scale folded in)."""
+        adapters = _merged(extras).adapters.get((self.layer, self.slot))
+        if adapters is None:
+            return None
+        return {"down_w": adapters.down, "down_b": adapters.down_b, "up_w": adapters.up.unsqueeze(1),
+                "up_b": adapters.up_b, "scale": 1.0}
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         merged: MergedHooks | None = ctx.extras.get(MERGED)
