@@ -23,10 +23,10 @@ path, so attaching anything after enabling is safe. A failure to compile disable
 for that model with a warning.
 
 Each step attends only the keys written so far: their number is a dynamic size of the graph, so the work
-follows the sequence rather than the cache's length (rounded up so that one graph serves many calls); at 8
-rows this made the step 1.3x faster. With the matrix kernel, q/k/v and gate/up are one product each over the
-joint weights of model/fused.py (1.05x at 8 rows), and the batch size is dynamic too (as fast as a graph for
-one size), so one graph serves every batch of two rows or more.
+follows the sequence rather than the cache's length; at 8 rows this made the step 1.3x faster. The cache's
+length is dynamic too (one graph for every cache, as fast as one for a fixed length). With the matrix kernel,
+q/k/v and gate/up are one product each over the joint weights of model/fused.py (1.05x at 8 rows), and the
+batch size is dynamic (as fast as a graph for one size), so one graph serves every batch of two rows or more.
 
 It is the default on a CPU for batches of up to 64 rows (`default_decode`), where it was measured faster (one
 row with the reductions below, more with PyTorch's matrix kernel in the same graph), and compiles
