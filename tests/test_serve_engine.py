@@ -246,6 +246,54 @@ def test_a_mixed_batch_runs_its_hooks_as_per_row_tensors_equal_to_each_adapters_
     assert not torch.equal(own[0][0], own[0][-1])  # the rows really differ
 
 
+def test_prompts_prefilled_together_decode_as_each_prefilled_alone(base):
+    """One left-padded prefill of prompts of different lengths (plain, V1, LaVIN): each row's logits, position,
+    prompt columns and hook state equal its own prefill's, and the rows decode as `la.generate` does."""
+    from llama_adapter.serve.engine import prefill_many
+
+    model, tok = base
+    texts = ["hello", "the quick brown fox jumps over the lazy dog", "a red circle"]
+    for m in (weight_sharing_copy(model),
+              _acting(weight_sharing_copy(model), la.AdapterV1Config(prompt_len=3, n_layers=2), tok, 1),
+              _acting(weight_sharing_copy(model), la.LavinConfig(vision=None, rank=4), tok, 3)):
+        together = prefill_many(m, tok, [_ids(tok, t) for t in texts])
+        for text, pre in zip(texts, together):
+            alone = prefill(m, tok, _ids(tok, text))
+            torch.testing.assert_close(pre.logits, alone.logits, rtol=1e-4, atol=1e-4)
+            assert (pre.position, pre.columns) == (alone.position, alone.k.shape[3]) and pre.k.shape[3] >= pre.columns
+            assert pre.state.keys() == alone.state.keys()
+            for key in alone.state:
+                torch.testing.assert_close(pre.state[key], alone.state[key], rtol=1e-4, atol=1e-4)
+        expected = [la.generate(m, tok, t, max_new_tokens=8, chat=True)[0] for t in texts]
+        batch = DecodeBatch(m, shared=False)
+        tokens: list[list[int]] = [[int(pre.logits.argmax())] for pre in together]
+        with torch.inference_mode():
+            for i, pre in enumerate(together):
+                batch.admit(Row(m, "m", pre.prefix, pre.state, pre.extras, pre.position, tokens[i][0], i), pre)
+            for _ in range(7):
+                logits = batch.step()
+                for j, row in enumerate(batch.rows):
+                    row.token = int(logits[j].argmax())
+                    tokens[row.owner].append(row.token)
+        assert [tok.decode([t for t in ts if t not in tok.eos_ids]) for ts in tokens] == expected
+
+
+def test_requests_arriving_together_are_prefilled_together_per_model():
+    """Text prompts of one model together, shortest first, split where padding would more than double the work;
+    a prompt with an image alone."""
+    from types import SimpleNamespace
+
+    from llama_adapter.serve.scheduler import prefill_groups
+
+    def job(name, n, image=None):
+        return SimpleNamespace(served=SimpleNamespace(name=name), prompt_ids=[0] * n, image=image)
+
+    jobs = [job("v1", 10), job("base", 5), job("v1", 12), job("v1", 50), job("v1", 11, image="im"), job("base", 6)]
+    groups = [[(j.served.name, len(j.prompt_ids)) for j in g] for g in prefill_groups(jobs)]
+    assert sorted(groups) == sorted([[("v1", 11)], [("v1", 10), ("v1", 12)], [("v1", 50)],  # 3 x 50 > 2 x 72
+                                     [("base", 5), ("base", 6)]])
+
+
 def _saved(model, cfg, tok, folder, seed):
     m = _acting(weight_sharing_copy(model), cfg, tok, seed)
     la.save_adapter(m, folder)
@@ -253,8 +301,8 @@ def _saved(model, cfg, tok, folder, seed):
 
 
 def _all_at_once(server, tok, requests):
-    """Submit (served name, text, image) requests to the server's scheduler together; their answers (12 greedy
-    tokens each)."""
+    """Submit (served name, text, image) requests to the server's scheduler together, before it starts; their
+    answers (12 greedy tokens each)."""
     import asyncio
 
     from llama_adapter.generate import Sampling
@@ -270,9 +318,11 @@ def _all_at_once(server, tok, requests):
         return out
 
     async def gather():
-        return await asyncio.gather(*[run(*r) for r in requests])
+        runs = [asyncio.create_task(run(*r)) for r in requests]
+        await asyncio.sleep(0)  # every request is in the queue before the scheduler starts: admitted at once
+        server.scheduler.start()
+        return await asyncio.gather(*runs)
 
-    server.scheduler.start()
     try:
         return asyncio.run(gather())
     finally:
@@ -310,12 +360,16 @@ def test_the_server_loads_v2_folded_or_in_its_own_batch_and_images_reach_v1(base
     assert dict(s["v2mm"].model.named_parameters())[norm] is not dict(server.base.named_parameters())[norm]
     image = Image.new("RGB", (40, 30), (200, 40, 40))
     requests = [("v1", "hello", None), ("v1mm", "what colour", image), ("v2", "a red circle", None),
-                ("v2mm", "what colour", image), ("v1mm", "hello", None), ("base", "yes", None)]
+                ("v2mm", "what colour", image), ("v1mm", "hello", None), ("base", "yes", None),
+                ("v1", "the quick brown fox", None)]
     got = _all_at_once(server, tok, requests)
     for (name, text, im), answer in zip(requests, got):
         m = refs.get(name, model)
         assert answer == la.generate(m, tok, text, images=None if im is None else [im], chat=True,
                                      max_new_tokens=12)[0], name
+    # the two text requests to v1 arrived together: one prefill (the scheduler admits all seven at once)
+    prefills = {s.name: s.value for s in server.metrics.prefill_rows.collect()[0].samples}
+    assert prefills["llama_adapter_prefill_batch_rows_count"] == len(requests) - 1
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

@@ -36,7 +36,7 @@ from torch import nn
 from ..generate import prepare_prompts
 from ..model.fastpath import ADAPTER_SLOTS, default_decode
 from ..model.fused import has_module_hooks
-from ..model.llama import AdaptableLinear, Block, ForwardContext, KVCache, LlamaLM
+from ..model.llama import AdaptableLinear, Block, ForwardContext, KVCache, LlamaLM, select_extras
 from ..model.tokenizer import Tokenizer
 from .merged import MergedHooks, merge_hooks
 
@@ -63,22 +63,42 @@ class Prefilled:
     prefix: dict[int, tuple[torch.Tensor, torch.Tensor]]  # prompt keys/values the hooks computed
     state: dict[Any, torch.Tensor]  # per-generation hook state (LaVIN's routing weights)
     extras: dict[str, Any]  # the method's per-row inputs
+    columns: int  # the prompt's own columns (m, less the left padding of a prefill shared with longer prompts)
 
 
 @torch.inference_mode()
 def prefill(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[int], image: Any = None) -> Prefilled:
     """Run one prompt (and its image, for an adapter that takes images) through `model`."""
-    batch = prepare_prompts(model, tok, [prompt_ids], None if image is None else [image])
+    return prefill_many(model, tok, [prompt_ids], None if image is None else [image])[0]
+
+
+@torch.inference_mode()
+def prefill_many(model: LlamaLM, tok: Tokenizer, prompts: Sequence[Sequence[int]],
+                 images: Sequence[Any] | None = None) -> list[Prefilled]:
+    """Run prompts of one model in one left-padded forward pass (requests arriving together wait for one prefill,
+    not for each other's); per prompt, what its own prefill gives, its columns left-padded to the longest. A prompt
+    with an image is prefilled alone (an image inserts columns of its own, so the padding would not be the
+    prompts' difference in length)."""
+    if images is not None and len(prompts) > 1:
+        raise ValueError("prefill prompts with images one at a time")
+    batch = prepare_prompts(model, tok, prompts, images)
     limit = model.config.max_seq_len
     if batch.length >= limit:
         raise ValueError(f"the prompt takes {batch.length} positions, which fills the model's context of {limit} "
                          f"(at least one position must stay free for the answer)")
-    cache = model.new_cache(1, batch.length)
+    cache = model.new_cache(len(prompts), batch.length)
     logits = model(batch.input_ids, inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                    cache=cache, extras=batch.extras, output_positions=(slice(None), -1))
-    mask = batch.attention_mask[0].bool()
-    return Prefilled(logits[0], cache.k, cache.v, mask, int(mask.sum()), dict(cache.prefix), dict(cache.state),
-                     dict(batch.extras))
+    longest = max(len(p) for p in prompts)
+    out = []
+    for i, prompt in enumerate(prompts):
+        index = torch.tensor([i], device=logits.device)
+        row = cache if len(prompts) == 1 else cache.select_rows(index)
+        extras = dict(batch.extras) if len(prompts) == 1 else select_extras(batch.extras, index)
+        mask = batch.attention_mask[i].bool()
+        out.append(Prefilled(logits[i], row.k, row.v, mask, int(mask.sum()), dict(row.prefix), dict(row.state),
+                             extras, batch.length - (longest - len(prompt))))
+    return out
 
 
 @dataclass

@@ -24,6 +24,8 @@ class Metrics:
                                    registry=r)
         self.batch_rows = Histogram("llama_adapter_decode_batch_rows", "sequences in each decode step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.prefill_rows = Histogram("llama_adapter_prefill_batch_rows", "requests in each prefill pass",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.batch_adapters = Histogram("llama_adapter_decode_batch_adapters",
                                         "distinct models (adapters or the base) in each decode step",
                                         buckets=(1, 2, 3, 4, 8), registry=r)

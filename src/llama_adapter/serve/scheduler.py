@@ -2,7 +2,8 @@
 and hands each request its text as it comes.
 
 Each loop: drop cancelled requests, prefill waiting ones while fewer than `max_batch` sequences run
-(each prefill alone, on its adapter's model), then one decode step of every batch. Requests talk to
+(on their adapter's model, text prompts of one model in one pass: `prefill_groups`), then one decode step of
+every batch. Requests talk to
 the HTTP side through an asyncio queue per request, fed with `call_soon_threadsafe`.
 """
 
@@ -21,7 +22,7 @@ from ..generate import Sampling, TextTracker, next_token
 from ..model.llama import LlamaLM
 from ..model.share import weight_sharing_copy
 from ..model.tokenizer import Tokenizer
-from .engine import DecodeBatch, Row, install_dispatchers, prefill
+from .engine import DecodeBatch, Prefilled, Row, install_dispatchers, prefill_many
 from .errors import APIError
 from .metrics import Metrics
 from .models import SHARED, ServedModel
@@ -64,6 +65,32 @@ class Job:
 
 class QueueFull(Exception):
     pass
+
+
+# Requests prefilled together pad to the longest: at most this many positions in all per position of their own.
+PREFILL_PADDING = 2.0
+
+
+def prefill_groups(jobs: list[Job]) -> list[list[Job]]:
+    """The requests to prefill together: text prompts of one model, shortest first, a group closed where padding
+    to its longest would more than double its work (`PREFILL_PADDING`); a request with an image alone."""
+    by_model: dict[str, list[Job]] = {}
+    groups: list[list[Job]] = []
+    for job in jobs:
+        if job.image is None:
+            by_model.setdefault(job.served.name, []).append(job)
+        else:
+            groups.append([job])
+    for same in by_model.values():
+        group: list[Job] = []
+        for job in sorted(same, key=lambda j: len(j.prompt_ids)):
+            own = sum(len(j.prompt_ids) for j in group) + len(job.prompt_ids)
+            if group and (len(group) + 1) * len(job.prompt_ids) > PREFILL_PADDING * own:
+                groups.append(group)
+                group = []
+            group.append(job)
+        groups.append(group)
+    return groups
 
 
 class Scheduler:
@@ -133,13 +160,14 @@ class Scheduler:
                     admit.append(self.waiting.popleft())
                 self.metrics.queue.set(len(self.waiting))
                 self.admitting = len(admit)
-            for job in admit:
+            for group in prefill_groups(admit):
                 try:
-                    self._start(job)
-                except Exception as e:  # a fault of ours: this request fails, the server goes on
-                    job.emit("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+                    self._start(group)
+                except Exception as e:  # a fault of ours: these requests fail, the server goes on
+                    for job in group:
+                        job.emit("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
                 with self.cond:
-                    self.admitting -= 1
+                    self.admitting -= len(group)
             for batch in self.batches.values():
                 if batch.rows:
                     self._step(batch)
@@ -154,19 +182,34 @@ class Scheduler:
                 row.owner.emit("error", gone)
             batch.remove(range(len(batch.rows)))
 
-    def _start(self, job: Job) -> None:
-        """Prefill a request and give it its first token; it joins its batch unless already done."""
-        if job.cancelled.is_set():
+    def _start(self, jobs: list[Job]) -> None:
+        """Prefill requests of one model together (`prefill_groups`) and give each its first token; each joins its
+        batch unless already done. A request the prefill refuses gets its own error: the others are prefilled
+        again without it."""
+        jobs = [j for j in jobs if not j.cancelled.is_set()]
+        if not jobs:
             return
-        s = job.served
+        s = jobs[0].served
         try:
-            pre = prefill(s.model, self.tok, job.prompt_ids, job.image)
+            pres = prefill_many(s.model, self.tok, [j.prompt_ids for j in jobs],
+                                None if jobs[0].image is None else [jobs[0].image])
         except ValueError as e:
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._start([job])
+                return
             code = "context_length_exceeded" if "context" in str(e) else "invalid_value"
-            job.emit("error", APIError(400, str(e), code=code, param="messages"))
+            jobs[0].emit("error", APIError(400, str(e), code=code, param="messages"))
             return
+        self.metrics.prefill_rows.observe(len(jobs))
+        for job, pre in zip(jobs, pres):
+            self._begin(job, pre)
+
+    def _begin(self, job: Job, pre: Prefilled) -> None:
+        """Give a prefilled request its first token; it joins its batch unless already done."""
+        s = job.served
         limit = s.model.config.max_seq_len
-        job.prompt_tokens = pre.k.shape[3]
+        job.prompt_tokens = pre.columns
         job.max_new = min(job.sampling.max_new_tokens, limit - job.prompt_tokens)
         job.tracker = TextTracker(self.tok, job.sampling.stop)
         if job.sampling.seed is not None:
