@@ -149,7 +149,7 @@ class DecodeBatch:
     def __init__(self, model: LlamaLM, shared: bool, compiled: bool = False):
         self.model = model
         self.shared = shared  # dispatchers in the hooks (install_dispatchers); else the rows' own model
-        self.compiled = compiled  # a lone row on its adapter's compiled step, where it applies
+        self.compiled = compiled  # decode on compiled steps where they apply (serve --compile)
         self._fast: tuple[Any, ...] | None = None  # rows and buffer the step's cache was made for, the cache, the step
         self.rows: list[Row] = []
         self.length = 0  # columns in use; every row's newest token is in column length - 1

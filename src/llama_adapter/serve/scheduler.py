@@ -3,8 +3,8 @@ and hands each request its text as it comes.
 
 Each loop: drop cancelled requests, prefill waiting ones while fewer than `max_batch` sequences run
 (on their adapter's model, text prompts of one model in one pass: `prefill_groups`), then one decode step of
-every batch. Requests talk to
-the HTTP side through an asyncio queue per request, fed with `call_soon_threadsafe`.
+every batch. Requests talk to the HTTP side through an asyncio queue per request, fed with
+`call_soon_threadsafe`.
 """
 
 from __future__ import annotations
