@@ -135,6 +135,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=bench_threads(), help="the server's --threads")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a client waits for its request to end")
     ap.add_argument("--backoff", type=float, default=1.0, help="seconds a client waits after a 429")
+    ap.add_argument("--eager", action="store_true", help="serve --eager (default: the server's compiled steps)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 8 clients, 16 requests, 8 tokens, batch 2, queue 1 (some 429s)")
     ap.add_argument("--name", default=None, help="results name (default serve_load, serve_load_quick with --quick)")
@@ -151,7 +152,8 @@ def main() -> int:
         flags = ["--model", MODEL]
         for ad in adapters.values():
             flags += ["--adapter", f"{ad.name}={ad.folder}"]
-        flags += ["--max-batch", str(a.max_batch), "--max-queue", str(a.max_queue), "--threads", str(a.threads)]
+        flags += ["--max-batch", str(a.max_batch), "--max-queue", str(a.max_queue), "--threads", str(a.threads),
+                  *(["--eager"] if a.eager else [])]
         with ServerProcess(flags, Path(tmp) / "server.log") as server:
             rss_ready = proc_status_bytes(server.pid, "VmRSS")
             print(f"server ready in {server.ready_s:.1f} s (pid {server.pid}, RSS {rss_ready / 2**20:.0f} MiB); "
@@ -202,7 +204,8 @@ def main() -> int:
         "adapters": {ad.name: {"method": ad.method, "images": ad.images, "own_bytes": ad.own_bytes}
                      for ad in adapters.values()},
         "server_command": command, "server_flags": {"max_batch": a.max_batch, "max_queue": a.max_queue,
-                                                    "threads": a.threads}, "backoff_after_429_s": a.backoff,
+                                                    "threads": a.threads, "eager": a.eager},
+        "backoff_after_429_s": a.backoff,
         "clients": a.clients, "requests": a.requests, "max_tokens": a.max_tokens, "endpoint": "/v1/chat/completions",
         "stream": True, "temperature": 0, "mix": {g: len(idx) for g, idx in groups.items()},
         "outcomes": {k: counts.get(k, 0) for k in ("answered", "refused_429", "other_4xx", "5xx", "lost")},

@@ -7,9 +7,8 @@ non-zero weights (V1 text and LaVIN with efficientnet-lite0), the real server in
     15%, i.e. >= 0.85x);
 (c) one non-streamed /v1/completions request against la.generate in this process on the same prompt and
     max_tokens, on the base and on the V1 adapter (target: <= 1.10x; the two texts are compared too), with
-    la.generate on the server's decode path (eager by default; with `--compile` the server runs `serve
-    --compile` and la.generate its default compiled step, both warmed up first until their graphs are compiled,
-    and (a)'s single stream is then the compiled one too);
+    la.generate on the server's decode path (by default both on their compiled steps, warmed up first until their
+    background compiles are done; with `--eager` the server runs `serve --eager` and la.generate its eager path);
 (d) memory: the server's tensor bytes (every distinct tensor storage) and RSS after Server.load with 0..4
     adapters (LaVIN, V1, LaVIN, V1), each in a fresh process; every adapter after the first must cost at most
     its own weights + 10% (tensor bytes; RSS is shown, but cannot resolve a 0.6 MB adapter reliably).
@@ -20,7 +19,7 @@ summed, over the time from the first stream's first token to the last stream's l
 Writes bench/results/<name>.json and .md with each ratio, its target and PASS/MISS.
 
     python bench/serve_throughput.py [--max-tokens 64] [--reps 5] [--threads 2] [--dtype auto|fp32|bf16]
-    python bench/serve_throughput.py --compile --name serve_throughput_compile
+    python bench/serve_throughput.py --eager --name serve_throughput_eager
     python bench/serve_throughput.py --quick     # smoke run: 8 tokens, 1 repetition, memory with 0..2 adapters
 """
 
@@ -191,17 +190,17 @@ def main() -> int:
                          "natively, else fp32")
     ap.add_argument("--threads", type=int, default=bench_threads(), help="torch threads, here and in the server")
     ap.add_argument("--timeout", type=float, default=600.0)
-    ap.add_argument("--compile", action="store_true",
-                    help="serve --compile, against la.generate's default compiled step (both warmed up)")
+    ap.add_argument("--eager", action="store_true",
+                    help="serve --eager, against la.generate's eager path (default: both on their compiled steps)")
     ap.add_argument("--compile-warmup", type=float, default=240.0,
-                    help="with --compile: seconds of single requests and 8-stream bursts (one adapter, mixed) while "
+                    help="without --eager: seconds of single requests and 8-stream bursts (one adapter, mixed) while "
                          "the server compiles in the background")
     ap.add_argument("--quick", action="store_true", help="smoke run: 8 tokens, 1 repetition, memory with 0..2 adapters")
     ap.add_argument("--name", default=None,
                     help="results name (default serve_throughput, serve_throughput_quick with --quick)")
     a = ap.parse_args()
     if a.quick:
-        a.max_tokens, a.reps = 8, 1
+        a.max_tokens, a.reps, a.compile_warmup = 8, 1, min(a.compile_warmup, 30.0)
     name = a.name or ("serve_throughput_quick" if a.quick else "serve_throughput")
     memory_adapters = 2 if a.quick else len(MEMORY_ORDER)
 
@@ -224,12 +223,12 @@ def main() -> int:
         for s in SERVED:
             flags += ["--adapter", f"{s.name}={saved[s.name].folder}"]
         flags += ["--max-batch", str(STREAMS), "--max-queue", "64", "--threads", str(a.threads),
-                  "--max-tokens", str(max(n, 512)), "--dtype", a.dtype, *(["--compile"] if a.compile else [])]
+                  "--max-tokens", str(max(n, 512)), "--dtype", a.dtype, *(["--eager"] if a.eager else [])]
         base, tok = la.load_pretrained(MODEL, dtype=a.dtype, progress=False)
         with_v1, _ = la.load_pretrained(MODEL, dtype=a.dtype, progress=False)
         la.load_adapter(with_v1, saved["v1"].folder)
         for m in (base, with_v1):  # (c) is the server's own overhead: la.generate on the server's decode path
-            if a.compile:  # the default compiled step, its background compile awaited
+            if not a.eager:  # the default compiled step, its background compile awaited
                 la.generate(m, tok, PROMPT, max_new_tokens=n)
                 state = compiled_decode_of(m)
                 assert state is not None and state.wait(600) and state.failed is None, "la.generate did not compile"
@@ -243,7 +242,7 @@ def main() -> int:
                 return lambda: stream_figures(asyncio.run(run_streams(server.url, models, n, a.timeout)), str(models))
 
             mixed = [SERVED[i % len(SERVED)].name for i in range(STREAMS)]
-            if a.compile:  # lone requests, batches of v1 rows and mixed batches until the background compiles are done
+            if not a.eager:  # lone requests, batches of v1 rows and mixed ones until the background compiles are done
                 end = time.time() + a.compile_warmup  # (no signal: time)
                 while time.time() < end:
                     for model in ("v1", "base"):
@@ -310,7 +309,7 @@ def main() -> int:
 
     figures = {
         "benchmark": "server targets (issue 35)", "model": MODEL, "prompt": PROMPT, "max_tokens": n,
-        "dtype": a.dtype, "compile": a.compile, "reps": a.reps, "threads": a.threads, "server_command": command,
+        "dtype": a.dtype, "compile": not a.eager, "reps": a.reps, "threads": a.threads, "server_command": command,
         "server_exit_code": exit_code,
         "server_peak_rss_bytes": peak,
         "adapters": {s.name: {"method": s.method, "own_bytes": s.own_bytes, "images": s.images}

@@ -212,7 +212,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     cfg = ServeConfig(model=a.model, adapters=adapters, experts=a.expert, host=a.host, port=a.port,
                       max_batch=a.max_batch, max_queue=a.max_queue, max_tokens=a.max_tokens, api_key=a.api_key,
                       allow_remote_images=a.allow_remote_images, dtype=a.dtype, device=a.device, force=a.force,
-                      quantize=a.quantize, compile=a.compile)
+                      quantize=a.quantize, compile=not a.eager)
     server = Server.load(cfg)
     # HTTP in a thread, decoding in the main thread (where PyTorch's CPU threads pay off: Scheduler.run)
     http = uvicorn.Server(uvicorn.Config(create_app(server, scheduler_thread=False), host=cfg.host, port=cfg.port,
@@ -524,10 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--quantize", default=None, choices=["int8", "int4"],
                     help="pack the base model's linears to int8 or 4-bit weights (docs/quantization.md); V2 and "
                          "LoRA adapters are then served unfolded")
-    sv.add_argument("--compile", action="store_true",
-                    help="decode a lone request on its adapter's compiled step, as la.generate does by default on a "
-                         "CPU (compiled in the background meanwhile): about 2x the tokens/s of one stream; batches of "
-                         "more requests decode eagerly")
+    speed = sv.add_mutually_exclusive_group()
+    speed.add_argument("--eager", action="store_true",
+                       help="decode every step eagerly (the default, as la.generate's on a CPU, decodes on compiled "
+                            "steps: about 2x the tokens/s of one stream, 1.4x of 8; docs/serving.md)")
+    speed.add_argument("--compile", action="store_true",
+                       help="decode on compiled steps where they apply: the default (on a CPU; elsewhere the steps "
+                            "stay eager until measured there)")
     sv.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     sv.add_argument("--force", action="store_true", help="load adapters that name another base model")
     sv.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")

@@ -32,7 +32,9 @@ class ServeConfig:
     dtype: str | None = "auto"  # bf16 where it runs natively (an AMX or AVX512-BF16 CPU, most GPUs), else fp32
     device: str | None = None
     quantize: str | None = None  # int8 or int4: the frozen base's linears packed (docs/quantization.md)
-    compile: bool = False  # a lone sequence decodes on its adapter's compiled step (serve/engine.py)
+    # decode on compiled steps where la.generate would (on a CPU: compiled in the background while the first
+    # requests decode eagerly; serve/engine.py); False: every step eager (--eager)
+    compile: bool = True
     force: bool = False  # load adapters that name another base model (their tensors must still fit)
 
     def __post_init__(self) -> None:
