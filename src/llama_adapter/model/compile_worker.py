@@ -42,9 +42,16 @@ class TensorSpec:
     maybe_dynamic: tuple[int, ...] = ()  # ... with maybe_mark_dynamic: symbolic unless the graph specialises them
 
 
+def marked_dims(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The dimensions of `t` marked with mark_dynamic and with maybe_mark_dynamic (where dynamo keeps the marks)."""
+    return (tuple(sorted(getattr(t, "_dynamo_dynamic_indices", ()))),
+            tuple(sorted(getattr(t, "_dynamo_weak_dynamic_indices", ()))))
+
+
 def dynamic_dims(t: torch.Tensor) -> set[int]:
-    """The dimensions of `t` marked dynamic, with mark_dynamic or maybe_mark_dynamic."""
-    return set(getattr(t, "_dynamo_dynamic_indices", ())) | set(getattr(t, "_dynamo_weak_dynamic_indices", ()))
+    """The dimensions of `t` marked dynamic, either way."""
+    dynamic, maybe = marked_dims(t)
+    return set(dynamic) | set(maybe)
 
 
 def describe(value: Any, storages: dict[int, tuple[int, int]]) -> Any:
@@ -58,8 +65,7 @@ def describe(value: Any, storages: dict[int, tuple[int, int]]) -> Any:
         index = storages.setdefault(key, (len(storages), storage.nbytes()))[0]
         return TensorSpec(index, int(value.storage_offset()), tuple(value.shape), tuple(value.stride()), value.dtype,
                           value.is_inference(), value.requires_grad, isinstance(value, nn.Parameter),
-                          tuple(sorted(getattr(value, "_dynamo_dynamic_indices", ()))),
-                          tuple(sorted(getattr(value, "_dynamo_weak_dynamic_indices", ()))))
+                          *marked_dims(value))
     if isinstance(value, dict):
         return {k: describe(v, storages) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
