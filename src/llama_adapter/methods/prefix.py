@@ -125,10 +125,11 @@ class GatedPrefix(nn.Module):
         return kv
 
     def decode_terms(self, attn: Attention, cache: KVCache,
-                     extras: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                     extras: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None] | None:
         """For the compiled decode step (model/fastpath.py), after the prefill: the prompt's keys and values
-        [1 or B, G, K, d] as the prefill cached them, and the gate per row and head [1 or B, H]; None where
-        this prefix adds nothing to these rows (no row of `row_key`)."""
+        [1 or B, G, K, d] as the prefill cached them, the gate per row and head [1 or B, H], and no bias over
+        the prompt's keys (every row sees all of them); None where this prefix adds nothing to these rows (no row
+        of `row_key`)."""
         rows = extras.get(self.row_key) if self.row_key else None
         if self.row_key and rows is None:
             return None
@@ -138,7 +139,7 @@ class GatedPrefix(nn.Module):
         gate = self.gate_value().expand(attn.n_heads)[None]
         if rows is not None:
             gate = gate * rows.to(gate.dtype).view(-1, 1)
-        return k, v, gate
+        return k, v, gate, None
 
     def forward(self, attn: Attention, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         rows = ctx.extras.get(self.row_key) if self.row_key else None

@@ -233,9 +233,9 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
                 del t["w" + name], t["b" + name]
     prefix, adapters = hook_terms(layer, cache, extras, rows)
     if prefix is not None:
-        t["prefix_k"], t["prefix_v"], t["prefix_gate"] = prefix[:3]
-        if len(prefix) > 3 and prefix[3] is not None:
-            t["prefix_bias"] = prefix[3]
+        t["prefix_k"], t["prefix_v"], t["prefix_gate"], bias = prefix
+        if bias is not None:
+            t["prefix_bias"] = bias
     t.update(adapters)
     return t
 
@@ -243,9 +243,9 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
 def hook_terms(layer: Block, cache: KVCache, extras: dict[str, Any],
                rows: int) -> tuple[tuple | None, dict[str, dict[str, Any]]]:
     """What the block's hooks add to a decode step after the prefill, from their `decode_terms`: the gated prefix's
-    keys, values, gates and optionally an additive bias over the prompt's keys (None where it adds nothing to
-    these rows), and each routed adapter's tensors by slot (where it adds something). Used by the compiled step
-    and by the server's mixed batches (serve/merged.py)."""
+    keys, values, gates and additive bias over the prompt's keys (None: no bias; the whole None where it adds
+    nothing to these rows), and each routed adapter's tensors by slot (where it adds something). Used by the
+    compiled step and by the server's mixed batches (serve/merged.py)."""
     attn = layer.self_attn
     prefix = None if attn.prefix is None else cast(Any, attn.prefix).decode_terms(attn, cache, extras)
     adapters = {}

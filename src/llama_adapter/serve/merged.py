@@ -66,7 +66,7 @@ def _block_diagonal(up_w: torch.Tensor) -> torch.Tensor:
 
 
 def _prompts(entries: list[tuple[torch.Tensor, Any]], n: int) -> RowPrompts:
-    """Stack (rows, (k, v, gate)) of each adapter with a prompt in this layer into per-row tensors."""
+    """Stack (rows, (k, v, gate, bias None)) of each adapter with a prompt in this layer into per-row tensors."""
     k0 = entries[0][1][0]
     G, d = k0.shape[1], k0.shape[3]
     P = max(terms[0].shape[2] for _, terms in entries)
@@ -76,7 +76,7 @@ def _prompts(entries: list[tuple[torch.Tensor, Any]], n: int) -> RowPrompts:
     gate = entries[0][1][2].new_zeros(n, H)
     padded = any(terms[0].shape[2] < P for _, terms in entries)
     bias = torch.zeros(n, 1, 1, P, device=k.device) if padded else None
-    for rows, (rk, rv, rg) in entries:
+    for rows, (rk, rv, rg, _) in entries:  # an adapter's own prompt: no bias (every row sees all of it)
         m, p = len(rows), rk.shape[2]
         k[rows, :, :p] = rk.to(k.dtype).expand(m, -1, -1, -1)
         v[rows, :, :p] = rv.to(v.dtype).expand(m, -1, -1, -1)
