@@ -39,10 +39,18 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The highest-scoring token ids [B] of logits [B, V] (the first one on a tie, as argmax).
+
+    Why not argmax: on a CPU it takes 200 us for one bf16 row of a 49k vocabulary, max's indices 50 us
+    (1% of a decode step of the embedded model)."""
+    return logits.max(-1).indices
+
+
 def next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]."""
     if s.temperature == 0:
-        return logits.argmax(-1)
+        return greedy_tokens(logits)
     logits = logits.float() / s.temperature
     if s.top_k:
         kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]

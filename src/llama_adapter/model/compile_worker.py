@@ -135,7 +135,9 @@ def main() -> int:
     storages = [torch.UntypedStorage(size) for size in job["storage_sizes"]]
     with torch.inference_mode():
         for name, args in job["calls"].items():
-            torch.compile(getattr(fastpath, name), dynamic=False, fullgraph=True)(*build(args, storages))
+            compiled = torch.compile(getattr(fastpath, name), dynamic=False, fullgraph=True,
+                                     options=fastpath.COMPILE_OPTIONS)
+            compiled(*build(args, storages))
     done = Path(job["done"])
     done.parent.mkdir(parents=True, exist_ok=True)
     done.touch()

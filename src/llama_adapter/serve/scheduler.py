@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..generate import Sampling, TextTracker, next_token
+from ..generate import Sampling, TextTracker, greedy_tokens, next_token
 from ..model.llama import LlamaLM
 from ..model.share import weight_sharing_copy
 from ..model.tokenizer import Tokenizer
@@ -232,7 +232,7 @@ class Scheduler:
                 row.owner.emit("error", APIError(500, f"generation failed: {type(e).__name__}: {e}"))
             batch.remove(range(n))
             return
-        greedy = logits.argmax(-1).tolist()
+        greedy = greedy_tokens(logits).tolist()
         finished = []
         for i, row in enumerate(batch.rows):
             job: Job = row.owner
