@@ -4,7 +4,9 @@ What is compiled: each decoder block's forward, one function shared by every blo
 compilation). Dynamo takes a block's weights as inputs of the graph, so all blocks of one layout
 (SmolLM2 with V1 in the top 28 layers: a block with a prompt and one without) run the same graphs,
 and AOTAutograd compiles the matching backward graph; inductor fuses the elementwise work between
-the matmuls (norms, rotary, gates, SiLU, residuals, their casts under bf16 autocast) in both.
+the matmuls (norms, rotary, gates, SiLU, residuals, their casts under bf16 autocast) in both. On a CPU
+the causal attention's backward is written out for it to fuse too (model/attention.py), in place of the
+flash kernel's backward.
 Compiling a few block graphs takes a fraction of what one graph of the whole model would, and
 nothing outside the blocks is traced: the embedding, the rotary table (a cache that grows), the
 selection of labelled positions (a data-dependent shape) and the output head stay eager, as does the
