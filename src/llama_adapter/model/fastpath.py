@@ -46,7 +46,6 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -75,7 +74,7 @@ RECOMPILE_LIMIT = 256  # graphs per compiled function in one process (dynamo's d
 # entries match). A value read by several consumers is stored once rather than recomputed in each: by default the
 # normalised hidden state is recomputed inside the reductions of q, k and v (and gate and up) for every output
 # row, and the step's blocks took 4% longer (in-process A/B, bf16, batch 1).
-COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"realize_reads_threshold": 1}
+COMPILE_OPTIONS: dict[str, Any] = {"realize_reads_threshold": 1}
 # The background compile's command (imported rather than run as __main__, so that the job's classes unpickle)
 WORKER = [sys.executable, "-c", f"import sys; from {compile_worker.__name__} import main; sys.exit(main())"]
 
