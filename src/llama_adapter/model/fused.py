@@ -16,7 +16,7 @@ scale and extra bias after the split itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ from torch import nn
 if TYPE_CHECKING:  # llama.py imports this module
     from .llama import AdaptableLinear
 
+Empty = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # makes an uninitialised tensor (on the CPU)
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 
@@ -69,7 +70,7 @@ def joint_of(linears: Sequence[AdaptableLinear]) -> JointProjection | None:
 
 @torch.no_grad()
 @torch.inference_mode(False)
-def _fuse_group(linears: Sequence[AdaptableLinear]) -> None:
+def _fuse_group(linears: Sequence[AdaptableLinear], empty: Empty | None) -> None:
     if any(m.quantized is not None for m in linears):  # packed low-bit weights (model/quantize.py): separate
         return
     if joint_of(linears) is not None:
@@ -78,8 +79,8 @@ def _fuse_group(linears: Sequence[AdaptableLinear]) -> None:
         return
     if len({m.bias is None for m in linears}) != 1 or any(m.weight.requires_grad for m in linears):
         return
-    weight = torch.cat([m.weight.detach() for m in linears])
-    bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+    weight = _cat([m.weight.detach() for m in linears], empty)
+    bias = None if linears[0].bias is None else _cat([m.bias.detach() for m in linears], empty)
     sizes = [m.out_features for m in linears]
     start = 0
     for m, n in zip(linears, sizes):
@@ -92,16 +93,26 @@ def _fuse_group(linears: Sequence[AdaptableLinear]) -> None:
         m.__dict__["_joint"] = joint  # a plain attribute (not a module or tensor) beside the parameters
 
 
-def fuse_projections(model: nn.Module) -> None:
-    """Back each block's q/k/v and gate/up weights by one tensor per group (idempotent)."""
+def _cat(parts: list[torch.Tensor], empty: Empty | None) -> torch.Tensor:
+    """The parts' rows as one tensor, made by `empty` when given (the loader's huge-page arena)."""
+    if empty is None:
+        return torch.cat(parts)
+    return torch.cat(parts, out=empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), parts[0].dtype))
+
+
+def fuse_projections(model: nn.Module, empty: Empty | None = None) -> None:
+    """Back each block's q/k/v and gate/up weights by one tensor per group (idempotent). `empty(shape, dtype)`
+    makes the joint tensors where the caller wants them (model/hugepages.py); default: PyTorch's allocator."""
     for layer in getattr(model, "layers", ()):
         for parent, names in GROUPS:
-            _fuse_group([getattr(getattr(layer, parent), n) for n in names])
+            _fuse_group([getattr(getattr(layer, parent), n) for n in names], empty)
 
 
 def project(linears: Sequence[AdaptableLinear], x: torch.Tensor) -> list[torch.Tensor]:
-    """The outputs of `linears` on `x`: one matmul over the joint weight when valid, else one each."""
+    """The outputs of `linears` on `x`: one matmul over the joint weight when valid and no gradient is recorded,
+    else one each (training-shaped products over the joint weight ran 0.62x the separate ones, forward and
+    backward, on the Xeon: docs/benchmarks.md)."""
     joint = joint_of(linears)
-    if joint is not None and all(_plain(m) for m in linears):
+    if joint is not None and not torch.is_grad_enabled() and all(_plain(m) for m in linears):
         return list(F.linear(x, joint.weight, joint.bias).split(joint.sizes, dim=-1))
     return [m(x) for m in linears]

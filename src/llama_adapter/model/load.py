@@ -18,6 +18,7 @@ from ..fileio import atomic_folder
 from .config import ModelConfig, read_hf_config
 from .gguf_convert import gguf_tokenizer, read_gguf
 from .hub import hub_snapshot, looks_like_hub_id
+from .hugepages import huge_pages_available, move_model_to_huge_pages
 from .llama import LlamaLM
 from .meta import is_meta_folder, meta_tokenizer, read_meta_weights
 from .quantize import check_quantize, quantize_model
@@ -201,11 +202,14 @@ def load_pretrained(name_or_path: str | Path = DEFAULT_MODEL, dtype: str | torch
                     device: str | torch.device | None = "cpu",
                     progress: bool = True, quantize: str | None = None) -> tuple[LlamaLM, Tokenizer]:
     """Load a frozen model and its tokenizer (parameters have requires_grad=False). `quantize`: "int8" or
-    "int4" packs the blocks' linear weights (model/quantize.py, docs/quantization.md); None keeps them."""
+    "int4" packs the blocks' linear weights (model/quantize.py, docs/quantization.md); None keeps them. On a
+    CPU the weights end in memory backed by huge pages where the kernel offers them (model/hugepages.py)."""
     kind = check_quantize(quantize)  # refuse a bad value before reading any weights
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model, tok = load_folder(resolve_model_path(name_or_path, progress=progress), dtype=dt, device=dev)
     model.name_or_path = str(name_or_path)
     quantize_model(model, kind)
+    if dev.type == "cpu" and huge_pages_available():
+        move_model_to_huge_pages(model)
     return model, tok
