@@ -44,6 +44,13 @@ def test_compiled_decode_matches_eager(tiny_folder):
         assert tokens(fast, tok, prompts) == tokens(eager, tok, prompts)
         assert state.failed is None and state.compiled_steps == steps + 9
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
+    # up to WEIGHT_LEFT_MAX_ROWS rows the linears multiply as W x^T, above as x W^T: a graph pair of its own
+    assert [state.form_for(r) for r in (1, 2, 16, 17)] == ["gemv", "weight_left", "weight_left", "matrix"]
+    many = [f"row {i} of the batch" for i in range(17)]
+    steps = state.compiled_steps
+    assert tokens(fast, tok, many) == tokens(eager, tok, many)
+    assert state.failed is None and state.compiled_steps == steps + 9
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 4
 
 
 def test_the_compiled_step_leaves_the_cache_s_last_position_to_the_eager_step(tiny_folder):
@@ -204,7 +211,7 @@ def test_head_in_pieces_equals_one_linear(monkeypatch):
     w, b = torch.randn(30, 16, generator=gen), torch.randn(30, generator=gen)
     for bias in (None, b):
         want = torch.nn.functional.linear(fastpath._rms(x, norm, 1e-5), w, bias)
-        got = fastpath._head_step(x, norm, 1e-5, w, bias, use_gemv=True)
+        got = fastpath._head_step(x, norm, 1e-5, w, bias, form="gemv")
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

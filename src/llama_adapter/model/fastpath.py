@@ -29,7 +29,8 @@ q/k/v and gate/up are one product each over the joint weights of model/fused.py 
 batch size is dynamic (as fast as a graph for one size), so one graph serves every batch of two rows or more.
 
 It is the default on a CPU for batches of up to 64 rows (`default_decode`), where it was measured faster (one
-row with the reductions below, more with PyTorch's matrix kernel in the same graph), and compiles
+row with the reductions below, more with PyTorch's matrix kernel in the same graph: up to 16 rows as W x^T, which
+oneDNN ran faster, more as x W^T; `PRODUCTS`), and compiles
 in the background: a cold compile takes 20-40 s on a CPU, so a model's first generations decode
 eagerly while a worker process (model/compile_worker.py) compiles the graphs for their shapes into
 inductor's on-disk cache; at the next token after it finishes, the model compiles them from that
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -63,6 +65,7 @@ _ATTR = "_compiled_decode"
 # On a CPU the graph's linears are multiply-and-sum reductions up to this many rows, which re-read the weights for
 # every row; above, PyTorch's matrix kernel (at 2 rows 1.19x the reductions; docs/benchmarks.md, Decoding).
 GEMV_MAX_ROWS = 1
+WEIGHT_LEFT_MAX_ROWS = 16  # and up to here W x^T (PRODUCTS)
 # The default step serves batches up to 64 rows, the largest measured (1.16x eager there, 1.27x at 32).
 # enable_compiled_decode serves any batch.
 DEFAULT_MAX_ROWS = 64
@@ -89,6 +92,19 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
     if b is not None:
         y = y + b.float()
     return y.to(x.dtype)
+
+
+def _weight_left(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear for a few rows x [B, K], computed as W x^T and transposed back: with the plain-layout weight as the
+    left operand oneDNN multiplied 2-16 rows faster (docs/benchmarks.md: the decode step 1.12-1.26x, bf16)."""
+    y = torch.mm(w, x.t()).t()
+    return y if b is None else y + b
+
+
+# How the step's linears multiply, by the rows decoded (`CompiledDecode.form_for`): one row as reductions, a few
+# with the weight as the left operand, more as F.linear (32 rows: 0.95x, 64: 0.90x the other way round).
+PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
+    "gemv": _gemv, "weight_left": _weight_left, "matrix": F.linear}
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -118,32 +134,32 @@ def _adapted(y: torch.Tensor, t: dict[str, Any], name: str) -> torch.Tensor:
     return y
 
 
-def _linear(h: torch.Tensor, t: dict[str, Any], name: str, use_gemv: bool) -> torch.Tensor:
+def _linear(h: torch.Tensor, t: dict[str, Any], name: str, form: str) -> torch.Tensor:
     """The block's linear `name` (float or packed) on h."""
     if t.get("q" + name) is not None:
         y = _packed(h, t["q" + name])
         y = y if t["b" + name] is None else y + t["b" + name]
     else:
-        y = (_gemv if use_gemv else F.linear)(h, t["w" + name], t["b" + name])
+        y = PRODUCTS[form](h, t["w" + name], t["b" + name])
     return _adapted(y, t, name)
 
 
-def _linears(h: torch.Tensor, t: dict[str, Any], names: tuple[str, ...], use_gemv: bool) -> list[torch.Tensor]:
+def _linears(h: torch.Tensor, t: dict[str, Any], names: tuple[str, ...], form: str) -> list[torch.Tensor]:
     """The outputs of the linears `names` on the same h: one matrix product over their joint weight where `t`
     holds one (model/fused.py; only for the matrix form: 1.17x the separate products at 8 rows), else one each."""
     joint = t.get("joint_" + names[0])
     if joint is None:
-        return [_linear(h, t, n, use_gemv) for n in names]
+        return [_linear(h, t, n, form) for n in names]
     weight, bias, sizes = joint
-    return [_adapted(y, t, n) for y, n in zip(F.linear(h, weight, bias).split(sizes, -1), names)]
+    return [_adapted(y, t, n) for y, n in zip(PRODUCTS[form](h, weight, bias).split(sizes, -1), names)]
 
 
-def _routed_adapter(h: torch.Tensor, a: dict[str, Any], use_gemv: bool) -> torch.Tensor:
+def _routed_adapter(h: torch.Tensor, a: dict[str, Any], form: str) -> torch.Tensor:
     """LaVIN's MM-adapter with its routing weights fixed at prefill: h + s (w0 U0(D h) + w1 U1(D h)), with the
     two up-projections mixed into one per row beforehand (ModalityRoutedAdapter.mixed_up); the down-projection
     is the adapter's, or one per row (`ADAPTER_ROW_RANKS`). On a CPU both projections are written as
     multiply-and-sum, which inductor fuses with the work around them instead of calling two small matmuls."""
-    x, down_w = h.to(a["down_w"].dtype), a["down_w"]
+    x, down_w, use_gemv = h.to(a["down_w"].dtype), a["down_w"], form == "gemv"
     if use_gemv:
         hidden = _gemv(x, down_w, a["down_b"])
     elif down_w.dim() == 3:  # a down-projection per row (a mixed server batch: serve/merged.py)
@@ -157,7 +173,7 @@ def _routed_adapter(h: torch.Tensor, a: dict[str, Any], use_gemv: bool) -> torch
 
 
 def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, write_at: torch.Tensor,
-           n_heads: int, eps: tuple[float, float], use_gemv: bool, t: dict[str, Any]) -> torch.Tensor:
+           n_heads: int, eps: tuple[float, float], form: str, t: dict[str, Any]) -> torch.Tensor:
     """One decoder block for one token per row: x [B, C] -> [B, C].
 
     Writes the step's keys/values at position `write_at` (a 1-element long tensor) of the
@@ -172,8 +188,8 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
     G, d = cache_k.shape[1], cache_k.shape[3]
     h = _rms(x, t["norm1"], eps[0])
     if "attn_adapter" in t:
-        h = _routed_adapter(h, t["attn_adapter"], use_gemv)
-    q, k, v = _linears(h, t, ("q_proj", "k_proj", "v_proj"), use_gemv)
+        h = _routed_adapter(h, t["attn_adapter"], form)
+    q, k, v = _linears(h, t, ("q_proj", "k_proj", "v_proj"), form)
     q, k, v = q.view(B, n_heads, d), k.view(B, G, d), v.view(B, G, d)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     cache_k.index_copy_(2, write_at, k.unsqueeze(2))
@@ -193,21 +209,21 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
         p_probs = p_scores.softmax(-1).unsqueeze(-1)  # [B, G, rep, P, 1]
         p_out = (p_probs * pv).sum(-2).to(x.dtype)  # [B, G, rep, d]
         out = out + t["prefix_gate"].to(x.dtype).view(-1, G, n_heads // G, 1) * p_out
-    x = x + _linear(out.reshape(B, n_heads * d), t, "o_proj", use_gemv)
+    x = x + _linear(out.reshape(B, n_heads * d), t, "o_proj", form)
     h = _rms(x, t["norm2"], eps[1])
     if "ffn_adapter" in t:
-        h = _routed_adapter(h, t["ffn_adapter"], use_gemv)
-    gate, up = _linears(h, t, ("gate_proj", "up_proj"), use_gemv)
+        h = _routed_adapter(h, t["ffn_adapter"], form)
+    gate, up = _linears(h, t, ("gate_proj", "up_proj"), form)
     gate_up = F.silu(gate) * up
-    return x + _linear(gate_up, t, "down_proj", use_gemv)
+    return x + _linear(gate_up, t, "down_proj", form)
 
 
 def _group_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-                write_at: torch.Tensor, n_heads: int, eps: tuple[float, float], use_gemv: bool,
+                write_at: torch.Tensor, n_heads: int, eps: tuple[float, float], form: str,
                 layers: list[dict[str, Any]]) -> torch.Tensor:
     """A run of consecutive blocks; one graph for a few blocks amortises the per-call overhead."""
     for tensors in layers:
-        x = _block(x, cos, sin, bias, write_at, n_heads, eps, use_gemv, tensors)
+        x = _block(x, cos, sin, bias, write_at, n_heads, eps, form, tensors)
     return x
 
 
@@ -302,12 +318,12 @@ HEAD_ROWS_PER_PIECE = 12288
 
 
 def _head_step(x: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor, b: torch.Tensor | None,
-               use_gemv: bool, q: tuple | None = None) -> torch.Tensor:
+               form: str, q: tuple | None = None) -> torch.Tensor:
     h = _rms(x, norm, eps)
     if q is not None:  # an int8 head (model/quantize.py)
         return _packed(h, q)
-    if not use_gemv:
-        return F.linear(h, w, b)
+    if form != "gemv":
+        return PRODUCTS[form](h, w, b)
     pieces = w.split(HEAD_ROWS_PER_PIECE)
     biases = b.split(HEAD_ROWS_PER_PIECE) if b is not None else [None] * len(pieces)
     return torch.cat([_gemv(h, wp, bp) for wp, bp in zip(pieces, biases)], -1)
@@ -368,6 +384,13 @@ class CompiledDecode:
             return self.use_gemv
         return self.model.device.type == "cpu" and rows <= GEMV_MAX_ROWS
 
+    def form_for(self, rows: int) -> str:
+        """The step's form for `rows` sequences (`PRODUCTS`): reductions (`gemv_for`), else the weight as the left
+        operand up to WEIGHT_LEFT_MAX_ROWS rows, else F.linear."""
+        if self.gemv_for(rows):
+            return "gemv"
+        return "weight_left" if rows <= WEIGHT_LEFT_MAX_ROWS else "matrix"
+
     def usable(self, cache_len: int, rows: int = 1) -> bool:
         """Whether the graph computes what the eager model would for `rows` sequences and a cache of `cache_len`
         (and, for the default step, whether it is faster there: batches of up to 64 rows)."""
@@ -401,25 +424,25 @@ class CompiledDecode:
         torch._dynamo.mark_dynamic(bias, 3)
         x = m.embed_tokens(token)  # a float table, or a quantized one (model/quantize.py)
         rows = token.shape[0]
-        gemv = self.gemv_for(rows)
-        dynamic_batch = not gemv and rows > 1  # the matrix form: one graph for every batch size
+        form = self.form_for(rows)
+        dynamic_batch = form != "gemv" and rows > 1  # the matrix forms: one graph for every batch size
         if dynamic_batch:
             for t in (x, cos, sin, bias):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         if self._tensors is None or self._tensors[0] is not cache:
-            tensors = _uniform([_block_tensors(cast(Block, b), cache, i, extras or {}, rows, joint=not gemv)
+            tensors = _uniform([_block_tensors(cast(Block, b), cache, i, extras or {}, rows, joint=form != "gemv")
                                 for i, b in enumerate(m.layers)])
             _mark_dynamic(tensors, rows if dynamic_batch else None)
             shapes = _shapes(x, tensors) if self.background else None
-            marker = compile_worker.marker(repr((shapes, gemv, self.group))) if self.background else None
+            marker = compile_worker.marker(repr((shapes, form, self.group))) if self.background else None
             self._tensors = (cache, tensors, shapes, marker)
         _, tensors, shapes, marker = self._tensors
         if shapes is not None and marker is not None and shapes not in self._ready:
-            if not self._compiled_elsewhere(shapes, marker, (x, cos, sin, bias, write_at), tensors, gemv):
+            if not self._compiled_elsewhere(shapes, marker, (x, cos, sin, bias, write_at), tensors, form):
                 return None
             self._ready.add(shapes)  # the call below compiles from the worker's cache entries
         try:
-            logits = self._run(x, cos, sin, bias, write_at, tensors, gemv)
+            logits = self._run(x, cos, sin, bias, write_at, tensors, form)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: fall back to eager
             self._fail(e)
             return None
@@ -427,41 +450,41 @@ class CompiledDecode:
         self.compiled_steps += 1
         return logits
 
-    def _block_args(self, gemv: bool) -> tuple[int, tuple[float, float], bool]:
+    def _block_args(self, form: str) -> tuple[int, tuple[float, float], str]:
         """The arguments of `_group_step` after the step's tensors and before the layers'."""
         m = self.model
         first = cast(Block, m.layers[0])
-        return m.config.n_heads, (first.input_layernorm.eps, first.post_attention_layernorm.eps), gemv
+        return m.config.n_heads, (first.input_layernorm.eps, first.post_attention_layernorm.eps), form
 
-    def _head_args(self, gemv: bool) -> tuple:
+    def _head_args(self, form: str) -> tuple:
         """The arguments of `_head_step` after the hidden state."""
         m = self.model
-        return m.norm.weight, m.norm.eps, m.lm_head.weight, m.lm_head.bias, gemv, head_terms(m)
+        return m.norm.weight, m.norm.eps, m.lm_head.weight, m.lm_head.bias, form, head_terms(m)
 
     def _run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-             write_at: torch.Tensor, tensors: list[dict[str, Any]], gemv: bool) -> torch.Tensor:
+             write_at: torch.Tensor, tensors: list[dict[str, Any]], form: str) -> torch.Tensor:
         # Every model, batch size, cache length and adapter layout is a graph of the same two functions, and
         # dynamo's default limit of 8 graphs per function is soon reached by a process holding several
         # (a server, a test run): the limit is raised for these calls only.
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             for g in range(0, len(tensors), self.group):
-                x = self._blocks(x, cos, sin, bias, write_at, *self._block_args(gemv), tensors[g:g + self.group])
-            return self._head(x, *self._head_args(gemv))
+                x = self._blocks(x, cos, sin, bias, write_at, *self._block_args(form), tensors[g:g + self.group])
+            return self._head(x, *self._head_args(form))
 
     def _fail(self, e: Exception) -> None:
         self.failed = f"{type(e).__name__}: {e}"
         warnings.warn(f"compiled decoding failed, using the eager path: {self.failed}", stacklevel=3)
 
     def _compiled_elsewhere(self, shapes: tuple, marker: Path, inputs: tuple, tensors: list[dict[str, Any]],
-                            gemv: bool) -> bool:
+                            form: str) -> bool:
         """Whether a worker process has compiled the graphs for these shapes into inductor's on-disk cache (in
         this process or an earlier one: it leaves a marker there); starts one (one at a time) if none is running
         (model/compile_worker.py says why a process)."""
         if marker.exists():
             return True
         if self._worker is None:
-            calls = {"_group_step": (*inputs, *self._block_args(gemv), tensors[:self.group]),
-                     "_head_step": (inputs[0], *self._head_args(gemv))}
+            calls = {"_group_step": (*inputs, *self._block_args(form), tensors[:self.group]),
+                     "_head_step": (inputs[0], *self._head_args(form))}
             try:
                 job = compile_worker.spec(calls, torch.get_num_threads(), marker)
                 log: IO[bytes] = tempfile.TemporaryFile()
