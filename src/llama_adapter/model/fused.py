@@ -112,7 +112,8 @@ def project(linears: Sequence[AdaptableLinear], x: torch.Tensor) -> list[torch.T
     """The outputs of `linears` on `x`: one matmul over the joint weight when valid and no gradient is recorded,
     else one each (training-shaped products over the joint weight ran 0.62x the separate ones, forward and
     backward, on the Xeon: docs/benchmarks.md)."""
-    joint = joint_of(linears)
-    if joint is not None and not torch.is_grad_enabled() and all(_plain(m) for m in linears):
-        return list(F.linear(x, joint.weight, joint.bias).split(joint.sizes, dim=-1))
+    if not torch.is_grad_enabled():  # first: joint_of compares data pointers, which a compiled training step cannot
+        joint = joint_of(linears)
+        if joint is not None and all(_plain(m) for m in linears):
+            return list(F.linear(x, joint.weight, joint.bias).split(joint.sizes, dim=-1))
     return [m(x) for m in linears]
