@@ -26,7 +26,7 @@ from common import machine_info, median, write_results  # noqa: E402
 import llama_adapter as la  # noqa: E402
 from llama_adapter.generate import Sampling, generate_tokens  # noqa: E402
 from llama_adapter.model.fastpath import disable_compiled_decode, enable_compiled_decode  # noqa: E402
-from llama_adapter.model.hugepages import ENV_SWITCH, huge_pages_available  # noqa: E402
+from llama_adapter.model.hugepages import ENV_SWITCH, huge_pages_available, mapping_fields  # noqa: E402
 
 PROMPT = "The history of the Roman empire is"
 CASES = (("bf16", None, "compiled"), ("bf16", None, "eager"), ("int8", "int8", "compiled"),
@@ -43,16 +43,8 @@ def load(quantize: str | None, huge: bool) -> tuple[la.LlamaLM, Any]:
 
 
 def huge_kb(tensor: torch.Tensor) -> int:
-    """AnonHugePages (kB) of the mapping holding `tensor`, from /proc/self/smaps."""
-    address, inside = tensor.data_ptr(), False
-    for line in open("/proc/self/smaps"):
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(v, 16) for v in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return 0
+    """AnonHugePages (kB) of the mapping holding `tensor`."""
+    return int(mapping_fields(tensor.data_ptr()).get("AnonHugePages", "0 kB").split()[0])
 
 
 def main() -> None:

@@ -11,25 +11,13 @@ from safetensors.torch import load_file, save_file
 import llama_adapter as la
 from llama_adapter.model import hugepages
 from llama_adapter.model.fused import joint_of
-from llama_adapter.model.hugepages import ENV_SWITCH, frozen_cpu_tensors, huge_pages_available, move_to_huge_pages
-
-
-def _mapping_of(address: int) -> dict[str, str]:
-    """The /proc/self/smaps fields of the mapping holding `address`."""
-    fields: dict[str, str] = {}
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                if inside:
-                    break
-                inside = lo <= address < hi
-            elif inside:
-                key, _, value = line.partition(":")
-                fields[key] = value.strip()
-    return fields
+from llama_adapter.model.hugepages import (
+    ENV_SWITCH,
+    frozen_cpu_tensors,
+    huge_pages_available,
+    mapping_fields,
+    move_to_huge_pages,
+)
 
 
 def _logits(model, ids):
@@ -103,7 +91,7 @@ def test_loader_moves_weights_into_an_advised_mapping(tiny_folder):
     assert qkv is not None and gate_up is not None
     for t in (model.embed_tokens.weight, attn.o_proj.weight, mlp.down_proj.weight, qkv.weight, gate_up.weight,
               model.norm.weight):
-        assert "hg" in _mapping_of(t.data_ptr())["VmFlags"].split()  # madvise(MADV_HUGEPAGE) on the mapping
+        assert "hg" in mapping_fields(t.data_ptr())["VmFlags"].split()  # madvise(MADV_HUGEPAGE) on the mapping
     pointers = [p.data_ptr() for p in model.parameters()]
     la.generate(model, tok, "hello", max_new_tokens=3)
     assert [p.data_ptr() for p in model.parameters()] == pointers  # decoding keeps the loader's joint weights
@@ -115,6 +103,6 @@ def test_kernel_backs_the_mapping_with_huge_pages():
     when memory is too fragmented to compact; then this fails and says so)."""
     layer = torch.nn.Linear(2048, 2048, bias=False).requires_grad_(False)  # 16 MiB
     move_to_huge_pages(layer)
-    fields = _mapping_of(layer.weight.data_ptr())
+    fields = mapping_fields(layer.weight.data_ptr())
     huge_kb = int(fields["AnonHugePages"].split()[0])
     assert huge_kb >= 8 * 1024, f"only {huge_kb} kB of the mapping on huge pages: {fields}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import torch
@@ -75,3 +76,8 @@ def set_threads(n: int | None) -> None:
     """Set torch's CPU thread count; None or 0 keeps the default."""
     if n:
         torch.set_num_threads(n)
+
+
+def switched_on(variable: str) -> bool:
+    """A process-wide switch from the environment, on unless set to "0", "off", "false" or "no"."""
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "off", "false", "no")

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import switched_on
 from . import compile_worker
 from .fused import GROUPS, has_module_hooks, joint_of
 from .llama import BLOCK_LINEARS, AdaptableLinear, Block, KVCache, LlamaLM
@@ -598,9 +599,7 @@ def compiled_decode_of(model: LlamaLM) -> CompiledDecode | None:
 def fast_by_default(model: LlamaLM) -> bool:
     """Where the compiled step is the default: on a CPU, where it was measured faster (docs/benchmarks.md),
     unless LLAMA_ADAPTER_FAST_DECODE=0. Elsewhere it is opt-in until measured there."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no"):
-        return False
-    return model.device.type == "cpu"
+    return switched_on(ENV_SWITCH) and model.device.type == "cpu"
 
 
 def default_decode(model: LlamaLM) -> CompiledDecode | None:

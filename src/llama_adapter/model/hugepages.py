@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..device import switched_on
 from .fused import fuse_projections
 
 ENV_SWITCH = "LLAMA_ADAPTER_HUGE_PAGES"  # "0" / "off" / "false": leave the weights where the loader put them
@@ -31,7 +31,7 @@ THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 def huge_pages_available() -> bool:
     """Whether the kernel can back a mapping with huge pages on request (Linux with transparent huge pages in
     "always" or "madvise" mode) and the switch leaves it on."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no"):
+    if not switched_on(ENV_SWITCH):
         return False
     if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
@@ -40,6 +40,28 @@ def huge_pages_available() -> bool:
     except OSError:
         return False
     return "[never]" not in mode
+
+
+def mapping_fields(address: int) -> dict[str, str]:
+    """What the kernel reports (/proc/self/smaps) for the memory mapping holding `address`: e.g. "VmFlags" ("hg":
+    advised for huge pages) and "AnonHugePages" (how much of it they back); empty where there is no such file."""
+    fields: dict[str, str] = {}
+    inside = False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()[0]
+                if "-" in head and not head.endswith(":"):
+                    if inside:
+                        break
+                    lo, hi = (int(v, 16) for v in head.split("-"))
+                    inside = lo <= address < hi
+                elif inside:
+                    key, _, value = line.partition(":")
+                    fields[key] = value.strip()
+    except OSError:
+        pass
+    return fields
 
 
 def _aligned(nbytes: int) -> int:
