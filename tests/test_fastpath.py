@@ -202,6 +202,37 @@ def test_folded_v2_model_uses_the_compiled_step(tiny_folder):
     assert tokens(eager, tok, ["the lazy dog"]) == with_graph
 
 
+@pytest.mark.parametrize("layout_guard", [True, False])
+def test_the_layout_of_the_blocks_inputs_tells_their_graphs_apart(tiny_folder, monkeypatch, layout_guard):
+    """The blocks' graphs keep dynamo's guards on tensors only (`keep_guard`); the `layout` argument stands for the
+    rest. A base model and an unfolded V2 one (the same tensors, plus the linears' scales and extra biases where the
+    base has None) each decode their own eager tokens on compiled steps; with a constant in place of the layout,
+    the V2 model runs the base model's graph and its tokens go wrong: the guard is what tells them apart."""
+    from llama_adapter.model import fastpath
+
+    torch._dynamo.reset()
+    if not layout_guard:
+        monkeypatch.setattr(fastpath, "layout_of", lambda layers: "one layout")
+    base, tok = la.load_pretrained(tiny_folder)
+    adapted, _ = la.load_pretrained(tiny_folder)
+    la.attach(adapted, la.AdapterV2Config(n_layers=0))
+    with torch.no_grad():
+        for p in la.trainable_parameters(adapted).values():
+            p.add_(torch.randn_like(p) * 0.2)
+    for p in adapted.parameters():  # as frozen as the base: the guards on tensors see no difference
+        p.requires_grad_(False)
+    prompts = ["the quick brown fox"]
+    eager = {name: tokens(m, tok, prompts) for name, m in (("base", base), ("v2", adapted))}
+    assert eager["base"] != eager["v2"]
+    fast = {}
+    for name, m in (("base", base), ("v2", adapted)):
+        state = la.enable_compiled_decode(m)
+        fast[name] = tokens(m, tok, prompts)
+        assert state.failed is None and state.compiled_steps > 0
+    assert fast["base"] == eager["base"]
+    assert (fast["v2"] == eager["v2"]) == layout_guard
+
+
 def test_head_in_pieces_equals_one_linear(monkeypatch):
     from llama_adapter.model import fastpath
 
