@@ -204,8 +204,8 @@ def test_folded_v2_model_uses_the_compiled_step(tiny_folder):
 
 @pytest.mark.parametrize("layout_guard", [True, False])
 def test_the_layout_of_the_blocks_inputs_tells_their_graphs_apart(tiny_folder, monkeypatch, layout_guard):
-    """The blocks' graphs keep dynamo's guards on tensors only (`keep_guard`); the `layout` argument stands for the
-    rest. A base model and an unfolded V2 one (the same tensors, plus the linears' scales and extra biases where the
+    """The blocks' graphs drop dynamo's guards on their inputs' structure (`keep_guard`); the `layout` argument stands
+    for them. A base model and an unfolded V2 one (the same tensors, plus the linears' scales and extra biases where the
     base has None) each decode their own eager tokens on compiled steps; with a constant in place of the layout,
     the V2 model runs the base model's graph and its tokens go wrong: the guard is what tells them apart."""
     from llama_adapter.model import fastpath
