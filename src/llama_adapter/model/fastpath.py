@@ -412,9 +412,9 @@ class CompiledDecode:
                                      options={**COMPILE_OPTIONS, "guard_filter_fn": _keep_guards})
         self._head = torch.compile(_head_step, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
         self.compiled_steps = 0
-        # per generation: the cache, the per-layer inputs, the layout of each group of them, and (background mode)
+        # per generation: the cache, the per-layer inputs, each group of them with its layout, and (background mode)
         # their shapes and the worker's marker
-        self._tensors: tuple[KVCache, list, list[str], tuple | None, Path | None] | None = None
+        self._tensors: tuple[KVCache, list, list[tuple[str, list]], tuple | None, Path | None] | None = None
         self._ready: set[tuple] = set()  # input shapes with a compiled graph (background mode)
         self._worker: tuple[tuple, subprocess.Popen, IO[bytes]] | None = None  # shapes, process, its stderr
 
@@ -476,15 +476,15 @@ class CompiledDecode:
             _mark_dynamic(tensors, rows if dynamic_batch else None)
             shapes = _shapes(x, tensors) if self.background else None
             marker = compile_worker.marker(repr((shapes, form, self.group))) if self.background else None
-            layouts = [layout_of(tensors[g:g + self.group]) for g in range(0, len(tensors), self.group)]
-            self._tensors = (cache, tensors, layouts, shapes, marker)
-        _, tensors, layouts, shapes, marker = self._tensors
+            chunks = [tensors[g:g + self.group] for g in range(0, len(tensors), self.group)]
+            self._tensors = (cache, tensors, [(layout_of(c), c) for c in chunks], shapes, marker)
+        _, tensors, groups, shapes, marker = self._tensors
         if shapes is not None and marker is not None and shapes not in self._ready:
-            if not self._compiled_elsewhere(shapes, marker, (x, cos, sin, bias, write_at), tensors, layouts[0], form):
+            if not self._compiled_elsewhere(shapes, marker, (x, cos, sin, bias, write_at), groups[0], form):
                 return None
             self._ready.add(shapes)  # the call below compiles from the worker's cache entries
         try:
-            logits = self._run(x, cos, sin, bias, write_at, tensors, layouts, form)
+            logits = self._run(x, cos, sin, bias, write_at, groups, form)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: fall back to eager
             self._fail(e)
             return None
@@ -504,29 +504,28 @@ class CompiledDecode:
         return m.norm.weight, m.norm.eps, m.lm_head.weight, m.lm_head.bias, form, head_terms(m)
 
     def _run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-             write_at: torch.Tensor, tensors: list[dict[str, Any]], layouts: list[str], form: str) -> torch.Tensor:
+             write_at: torch.Tensor, groups: list[tuple[str, list[dict[str, Any]]]], form: str) -> torch.Tensor:
         # Every model, batch size, cache length and adapter layout is a graph of the same two functions, and
         # dynamo's default limit of 8 graphs per function is soon reached by a process holding several
         # (a server, a test run): the limit is raised for these calls only.
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            for layout, g in zip(layouts, range(0, len(tensors), self.group)):
-                x = self._blocks(x, cos, sin, bias, write_at, *self._block_args(form), layout,
-                                 tensors[g:g + self.group])
+            for layout, layers in groups:
+                x = self._blocks(x, cos, sin, bias, write_at, *self._block_args(form), layout, layers)
             return self._head(x, *self._head_args(form))
 
     def _fail(self, e: Exception) -> None:
         self.failed = f"{type(e).__name__}: {e}"
         warnings.warn(f"compiled decoding failed, using the eager path: {self.failed}", stacklevel=3)
 
-    def _compiled_elsewhere(self, shapes: tuple, marker: Path, inputs: tuple, tensors: list[dict[str, Any]],
-                            layout: str, form: str) -> bool:
+    def _compiled_elsewhere(self, shapes: tuple, marker: Path, inputs: tuple,
+                            group: tuple[str, list[dict[str, Any]]], form: str) -> bool:
         """Whether a worker process has compiled the graphs for these shapes into inductor's on-disk cache (in
         this process or an earlier one: it leaves a marker there); starts one (one at a time) if none is running
         (model/compile_worker.py says why a process)."""
         if marker.exists():
             return True
         if self._worker is None:
-            calls = {"_group_step": (*inputs, *self._block_args(form), layout, tensors[:self.group]),
+            calls = {"_group_step": (*inputs, *self._block_args(form), *group),
                      "_head_step": (inputs[0], *self._head_args(form))}
             try:
                 job = compile_worker.spec(calls, torch.get_num_threads(), marker)
