@@ -296,6 +296,103 @@ def test_completions_plain_prompt_equals_la_generate(client, refs):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == out.choices[0].text
 
 
+def reference_logprobs(refs, name: str, prompt_ids: list[int], tokens: int) -> tuple[list[int], torch.Tensor]:
+    """The greedy tokens the library generates in-process (EOS excluded) and, for each, its step's log-probabilities
+    [n, V] from one forward pass over the prompt and the tokens before it."""
+    model, tok = refs(name)
+    ids: list[int] = []
+    for t in generate_tokens(model, tok, [prompt_ids], Sampling(max_new_tokens=tokens, temperature=0)):
+        if int(t[0]) in tok.eos_ids:
+            break
+        ids.append(int(t[0]))
+    return ids, next_token_logprobs(refs, name, prompt_ids + ids[:-1])[len(prompt_ids) - 1:]
+
+
+def next_token_logprobs(refs, name: str, ids: list[int]) -> torch.Tensor:
+    """[len(ids), V]: row i the log-probabilities of the token after ids[i], from one forward pass."""
+    with torch.inference_mode():
+        return refs(name)[0](torch.tensor([ids]))[0].float().log_softmax(-1)
+
+
+def test_chat_logprobs_are_the_models_own(client, refs):
+    tok = refs("v1")[1]
+    ids, want = reference_logprobs(refs, "v1", chat_ids(refs, "v1", [{"role": "user", "content": QUESTION}]), 10)
+    out = ask(client, "v1", QUESTION, max_tokens=10, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens == len(ids)
+    for entry, token, lp in zip(content, ids, want):
+        assert entry.token == tok.decode([token], skip_special_tokens=False)
+        assert entry.bytes == list(entry.token.encode())
+        assert entry.logprob == pytest.approx(lp[token].item(), abs=1e-4)
+        best = lp.topk(3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [tok.decode([i], skip_special_tokens=False)
+                                                          for i in best.indices.tolist()]
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the most likely token
+    plain = ask(client, "v1", QUESTION, max_tokens=10)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == out.choices[0].message.content
+    streamed = list(ask(client, "v1", QUESTION, max_tokens=10, logprobs=True, top_logprobs=3, stream=True))
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in content]
+
+
+def test_completion_logprobs_with_offsets_and_alternatives(client, refs):
+    tok = refs("base")[1]
+    prompt = "the quick brown fox"
+    ids, want = reference_logprobs(refs, "base", tok.encode(prompt), 8)
+    out = client.completions.create(model="base", prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert lp.tokens == [tok.decode([t], skip_special_tokens=False) for t in ids]
+    assert lp.token_logprobs == pytest.approx([w[t].item() for w, t in zip(want, ids)], abs=1e-4)
+    for alternatives, w in zip(lp.top_logprobs, want):  # {text: logprob}: tokens of the same text share an entry
+        best = w.topk(2)
+        texts = [tok.decode([i], skip_special_tokens=False) for i in best.indices.tolist()]
+        assert set(alternatives) == set(texts)
+        for text, value in alternatives.items():
+            assert value == pytest.approx(max(v for t, v in zip(texts, best.values.tolist()) if t == text), abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+    streamed = client.completions.create(model="base", prompt=prompt, max_tokens=8, temperature=0, logprobs=2,
+                                         stream=True)
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset  # offsets run on across the chunks
+    none = client.completions.create(model="base", prompt=prompt, max_tokens=8, temperature=0, logprobs=0)
+    assert none.choices[0].logprobs.top_logprobs is None
+    assert none.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs)
+
+
+def test_echo_scores_the_prompt(client, refs, url):
+    tok = refs("base")[1]
+    prompt = "the quick brown fox jumps over the lazy dog"
+    ids = tok.encode(prompt)
+    want = next_token_logprobs(refs, "v1", ids)
+    scored = client.completions.create(model="v1", prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert (scored.usage.prompt_tokens, scored.usage.completion_tokens) == (len(ids), 0)
+    lp = choice.logprobs
+    assert lp.tokens == [tok.decode([t], skip_special_tokens=False) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    assert lp.token_logprobs[1:] == pytest.approx([want[i, t].item() for i, t in enumerate(ids[1:])], abs=1e-4)
+    assert [list(d.values())[0] for d in lp.top_logprobs[1:]] == pytest.approx(want[:-1].max(-1).values.tolist(),
+                                                                               abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+    # echo with an answer: the prompt's entries, then the generated tokens' (as without echo)
+    both = client.completions.create(model="v1", prompt=prompt, max_tokens=6, echo=True, logprobs=1, temperature=0)
+    alone = client.completions.create(model="v1", prompt=prompt, max_tokens=6, logprobs=1, temperature=0)
+    assert both.choices[0].text == prompt + alone.choices[0].text
+    assert both.choices[0].logprobs.tokens == lp.tokens + alone.choices[0].logprobs.tokens
+    assert both.choices[0].logprobs.token_logprobs[len(ids):] == pytest.approx(alone.choices[0].logprobs.token_logprobs,
+                                                                                abs=1e-4)
+    chunks = list(client.completions.create(model="v1", prompt=prompt, max_tokens=6, echo=True, logprobs=1,
+                                            temperature=0, stream=True))
+    assert chunks[0].choices[0].text == prompt
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == both.choices[0].text
+    assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": "a", "max_tokens": 0}), 400)
+    err = assert_error(post(url, "/v1/completions", {"model": "lavin", "prompt": "a", "echo": True}), 400)
+    assert err["param"] == "echo" and "lavin" in err["message"]
+
+
 def test_stop_string_cuts_the_answer(client, refs):
     full = chat_reference(refs, "v1b", QUESTION, max_new_tokens=24).text
     # a stop string of two printable characters found in the middle of the greedy answer
@@ -451,6 +548,26 @@ def test_adapters_batched_together_give_the_tokens_each_gives_alone(client, refs
     assert steps_with_more_than(before, after, "llama_adapter_decode_batch_adapters", 3) > 0
 
 
+def test_logprobs_of_rows_in_a_shared_batch_are_those_of_each_alone(client):
+    asks = [("v1", {"logprobs": True, "top_logprobs": 2}), ("v1b", {}), ("base", {"logprobs": True}),
+            ("lavin", {"logprobs": True, "top_logprobs": 1}), ("v1", {})]
+
+    def entries(reply: Any) -> Any:
+        lp = reply.choices[0].logprobs
+        return None if lp is None else [(e.token, e.logprob, [t.logprob for t in e.top_logprobs]) for e in lp.content]
+
+    alone = [ask(client, m, QUESTION, max_tokens=24, **kw) for m, kw in asks]
+    together = concurrently([lambda m=m, kw=kw: ask(client, m, QUESTION, max_tokens=24, **kw) for m, kw in asks])
+    for a, b, (m, kw) in zip(alone, together, asks):
+        assert b.choices[0].message.content == a.choices[0].message.content, m
+        want, got = entries(a), entries(b)
+        assert (got is None) == (want is None) == (not kw), m
+        if want is not None:
+            assert [e[0] for e in got] == [e[0] for e in want], m
+            assert [e[1] for e in got] == pytest.approx([e[1] for e in want], abs=1e-4), m
+            assert [len(e[2]) for e in got] == [kw.get("top_logprobs", 0)] * len(got), m
+
+
 def steps_with_more_than(before: dict[str, float], after: dict[str, float], name: str, bound: int) -> float:
     """Decode steps between two /metrics snapshots whose histogram `name` observed a value above `bound`."""
     def above(m: dict[str, float]) -> float:
@@ -519,6 +636,8 @@ def chat_body(**kw: Any) -> dict[str, Any]:
     (chat_body(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]), 400, None),
     ({"messages": [{"role": "user", "content": "hi"}]}, 400, None),  # no model
     (chat_body(model="no-such-adapter"), 404, "model_not_found"),
+    (chat_body(top_logprobs=2), 400, None),  # without logprobs: true
+    (chat_body(logprobs=True, top_logprobs=21), 400, None),
 ])
 def test_bad_chat_requests_get_their_4xx(url, client, body, status, code):
     assert_error(post(url, "/v1/chat/completions", body), status, code)
@@ -534,6 +653,7 @@ def test_malformed_json_and_bad_completions_get_400(url, client):
     assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": "a", "max_tokens": MAX_TOKENS + 1}), 400)
     assert_error(post(url, "/v1/completions", {"model": "nope", "prompt": "a", "max_tokens": 2}), 404,
                  "model_not_found")
+    assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": "a", "logprobs": 6}), 400)
     still_serves(client)
 
 

@@ -280,18 +280,19 @@ def test_prompts_prefilled_together_decode_as_each_prefilled_alone(base):
 
 def test_requests_arriving_together_are_prefilled_together_per_model():
     """Text prompts of one model together, shortest first, split where padding would more than double the work;
-    a prompt with an image alone."""
+    a prompt with an image, or one whose prompt is scored (echo), alone."""
     from types import SimpleNamespace
 
     from llama_adapter.serve.scheduler import prefill_groups
 
-    def job(name, n, image=None):
-        return SimpleNamespace(served=SimpleNamespace(name=name), prompt_ids=[0] * n, image=image)
+    def job(name, n, image=None, echo=None):
+        return SimpleNamespace(served=SimpleNamespace(name=name), prompt_ids=[0] * n, image=image, echo=echo)
 
-    jobs = [job("v1", 10), job("base", 5), job("v1", 12), job("v1", 50), job("v1", 11, image="im"), job("base", 6)]
+    jobs = [job("v1", 10), job("base", 5), job("v1", 12), job("v1", 50), job("v1", 11, image="im"), job("base", 6),
+            job("base", 7, echo="text")]
     groups = [[(j.served.name, len(j.prompt_ids)) for j in g] for g in prefill_groups(jobs)]
     assert sorted(groups) == sorted([[("v1", 11)], [("v1", 10), ("v1", 12)], [("v1", 50)],  # 3 x 50 > 2 x 72
-                                     [("base", 5), ("base", 6)]])
+                                     [("base", 5), ("base", 6)], [("base", 7)]])
 
 
 def _saved(model, cfg, tok, folder, seed):

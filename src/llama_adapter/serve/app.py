@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from .errors import APIError
+from .logprobs import chat_logprobs, completion_logprobs
 from .protocol import ChatRequest, CompletionRequest, SamplingFields, parse_json, validate
 from .scheduler import Job, QueueFull
 from .server import Server
@@ -46,8 +47,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def next_event(job: Job, request: Request) -> tuple[str, Any]:
-    """The job's next event; a client that went away cancels the job (its slot frees at the next token)."""
+async def next_event(job: Job, request: Request) -> tuple[str, Any, int]:
+    """The job's next event (Job.events); a client that went away cancels the job (its slot frees at the next
+    token)."""
     assert job.events is not None
     while True:
         try:
@@ -147,6 +149,20 @@ def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
         def envelope(kind: str, choices: list[dict], **rest: Any) -> dict:
             return {"id": ident, "object": kind, "created": created, "model": req.model, "choices": choices, **rest}
 
+        sent = [0, 0]  # log-probability entries already sent, and the completion's text offset they reached
+
+        def logprobs(upto: int) -> dict | None:
+            """The log-probabilities of the tokens generated since the last call (`upto`: the event's count)."""
+            if job.top_logprobs is None:
+                return None
+            entries, sent[0] = job.logprobs[sent[0]:upto], upto
+            with server.tok_lock:  # the scheduler thread decodes with the same tokenizer
+                if chat:
+                    return chat_logprobs(server.tok, entries)
+                out = completion_logprobs(server.tok, entries, sent[1], job.top_logprobs)
+            sent[1] += sum(len(t) for t in out["tokens"])
+            return out
+
         def usage() -> dict:
             return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
                     "total_tokens": job.prompt_tokens + job.completion_tokens}
@@ -163,29 +179,31 @@ def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
                 raise event[1]
             text, finish = "".join(texts), event[1]
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                      if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+                      if chat else {"index": 0, "text": text, "finish_reason": finish})
+            choice["logprobs"] = logprobs(event[2])
             return JSONResponse(envelope("chat.completion" if chat else "text_completion", [choice], usage=usage()))
 
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(content: str | None, finish: str | None = None, role: bool = False) -> dict:
+        def chunk(content: str | None, upto: int, finish: str | None = None, role: bool = False) -> dict:
             if chat:
                 delta: dict = {"role": "assistant"} if role else {}
                 if content is not None:
                     delta["content"] = content
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": content or "", "finish_reason": finish}
+            choice["logprobs"] = logprobs(upto)
             return envelope(kind, [choice])
 
         async def events() -> AsyncIterator[str]:
             try:
                 if chat:
-                    yield sse(chunk("", role=True))
+                    yield sse(chunk("", 0, role=True))
                 event = first
                 checked = time.monotonic()
                 while event[0] == "text":
-                    yield sse(chunk(event[1]))
+                    yield sse(chunk(event[1], event[2]))
                     if time.monotonic() - checked > 0.1:  # a send to a closed socket need not fail: ask
                         checked = time.monotonic()
                         if await request.is_disconnected():
@@ -194,7 +212,7 @@ def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
                 if event[0] == "error":
                     yield sse(event[1].body())
                 else:
-                    yield sse(chunk(None if chat else "", finish=event[1]))
+                    yield sse(chunk(None if chat else "", event[2], finish=event[1]))
                     if req.stream_options is not None and req.stream_options.include_usage:
                         yield sse(envelope(kind, [], usage=usage()))
                 yield "data: [DONE]\n\n"

@@ -64,6 +64,7 @@ class Prefilled:
     state: dict[Any, torch.Tensor]  # per-generation hook state (LaVIN's routing weights)
     extras: dict[str, Any]  # the method's per-row inputs
     columns: int  # the prompt's own columns (m, less the left padding of a prefill shared with longer prompts)
+    prompt_logits: torch.Tensor | None = None  # [m - 1, V] the logits after each prompt token but the last (echo)
 
 
 @torch.inference_mode()
@@ -74,21 +75,22 @@ def prefill(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[int], image: An
 
 @torch.inference_mode()
 def prefill_many(model: LlamaLM, tok: Tokenizer, prompts: Sequence[Sequence[int]],
-                 images: Sequence[Any] | None = None) -> list[Prefilled]:
+                 images: Sequence[Any] | None = None, every_position: bool = False) -> list[Prefilled]:
     """Run prompts of one model in one left-padded forward pass (requests arriving together wait for one prefill,
     not for each other's); per prompt, what its own prefill gives, its columns left-padded to the longest. A prompt
     with an image is prefilled alone (an image inserts columns of its own, so the padding would not be the
-    prompts' difference in length)."""
-    if images is not None and len(prompts) > 1:
-        raise ValueError("prefill prompts with images one at a time")
+    prompts' difference in length); so is one with `every_position` (its `prompt_logits` too)."""
+    if (images is not None or every_position) and len(prompts) > 1:
+        raise ValueError("prefill prompts with images, or with logits at every position, one at a time")
     batch = prepare_prompts(model, tok, prompts, images)
     limit = model.config.max_seq_len
     if batch.length >= limit:
         raise ValueError(f"the prompt takes {batch.length} positions, which fills the model's context of {limit} "
                          f"(at least one position must stay free for the answer)")
     cache = model.new_cache(len(prompts), batch.length)
-    logits = model(batch.input_ids, inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                   cache=cache, extras=batch.extras, output_positions=(slice(None), -1))
+    every = model(batch.input_ids, inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                  cache=cache, extras=batch.extras, output_positions=None if every_position else (slice(None), [-1]))
+    logits = every[:, -1]
     longest = max(len(p) for p in prompts)
     out = []
     for i, prompt in enumerate(prompts):
@@ -97,7 +99,7 @@ def prefill_many(model: LlamaLM, tok: Tokenizer, prompts: Sequence[Sequence[int]
         extras = dict(batch.extras) if len(prompts) == 1 else select_extras(batch.extras, index)
         mask = batch.attention_mask[i].bool()
         out.append(Prefilled(logits[i], row.k, row.v, mask, int(mask.sum()), dict(row.prefix), dict(row.state),
-                             extras, batch.length - (longest - len(prompt))))
+                             extras, batch.length - (longest - len(prompt)), every[i, :-1] if every_position else None))
     return out
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import APIError
+from .logprobs import MAX_TOP_CHAT, MAX_TOP_COMPLETIONS
 
 
 class _Body(BaseModel):
@@ -54,13 +55,36 @@ class SamplingFields(_Body):
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def wanted_logprobs(self) -> int | None:
+        """None: no log-probabilities; k: each generated token's and its step's k most likely (serve/logprobs.py)."""
+        return None
+
 
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_CHAT)
+
+    def wanted_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_COMPLETIONS)
+    echo: bool = False  # the answer starts with the prompt, and its log-probabilities with the prompt's tokens'
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
+
+    def wanted_tokens(self) -> int | None:
+        wanted = super().wanted_tokens()
+        if wanted == 0 and not self.echo:
+            raise APIError(400, "max_tokens 0 needs echo: true (scoring a prompt)", param="max_tokens")
+        return wanted
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 def parse_json(raw: bytes) -> Any:

@@ -24,6 +24,7 @@ from ..model.share import weight_sharing_copy
 from ..model.tokenizer import Tokenizer
 from .engine import DecodeBatch, Prefilled, Row, install_dispatchers, prefill_many
 from .errors import APIError
+from .logprobs import TokenLogprob, token_logprobs
 from .metrics import Metrics
 from .models import SHARED, ServedModel
 
@@ -37,7 +38,8 @@ class Job:
     sampling: Sampling
     image: Any = None
     loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue | None = None  # ("text", str) ... then ("end", finish_reason) or ("error", APIError)
+    # ("text", str, n) ... then ("end", finish_reason, n) or ("error", APIError, n); n: `logprobs` entries so far
+    events: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
     prompt_tokens: int = 0
@@ -48,6 +50,11 @@ class Job:
     generator: torch.Generator | None = None
     stream: bool = True  # False: the text goes out once, at the end (no wake-up of the event loop per token)
     held: str = ""
+    top_logprobs: int | None = None  # None: no log-probabilities; k: each token's and its step's k most likely
+    # one per generated token but EOS (serve/logprobs.py); with `echo`, the prompt's tokens' first
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    echo: str | None = None  # the prompt's text, which the answer starts with (completions' echo)
+    generates: bool = True  # False: only the echoed prompt (max_tokens 0)
 
     def emit(self, kind: str, value: Any) -> None:
         if kind == "text" and not self.stream:
@@ -60,7 +67,7 @@ class Job:
 
     def _send(self, kind: str, value: Any) -> None:
         if self.loop is not None and self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value, len(self.logprobs)))
 
 
 class QueueFull(Exception):
@@ -73,11 +80,12 @@ PREFILL_PADDING = 2.0
 
 def prefill_groups(jobs: list[Job]) -> list[list[Job]]:
     """The requests to prefill together: text prompts of one model, shortest first, a group closed where padding
-    to its longest would more than double its work (`PREFILL_PADDING`); a request with an image alone."""
+    to its longest would more than double its work (`PREFILL_PADDING`); a request with an image, or one whose prompt
+    is scored (echo: logits at every position), alone."""
     by_model: dict[str, list[Job]] = {}
     groups: list[list[Job]] = []
     for job in jobs:
-        if job.image is None:
+        if job.image is None and job.echo is None:
             by_model.setdefault(job.served.name, []).append(job)
         else:
             groups.append([job])
@@ -192,7 +200,8 @@ class Scheduler:
         s = jobs[0].served
         try:
             pres = prefill_many(s.model, self.tok, [j.prompt_ids for j in jobs],
-                                None if jobs[0].image is None else [jobs[0].image])
+                                None if jobs[0].image is None else [jobs[0].image],
+                                every_position=jobs[0].echo is not None)
         except ValueError as e:
             if len(jobs) > 1:
                 for job in jobs:
@@ -212,9 +221,20 @@ class Scheduler:
         job.prompt_tokens = pre.columns
         job.max_new = min(job.sampling.max_new_tokens, limit - job.prompt_tokens)
         job.tracker = TextTracker(self.tok, job.sampling.stop)
+        if job.echo is not None:
+            if job.top_logprobs is not None:
+                assert pre.prompt_logits is not None
+                job.logprobs.append(TokenLogprob(job.prompt_ids[0], None, None))  # nothing predicts the first
+                job.logprobs += token_logprobs(pre.prompt_logits, job.prompt_ids[1:],
+                                               [job.top_logprobs] * (len(job.prompt_ids) - 1))
+            job.emit("text", job.echo)
+            if not job.generates:
+                job.emit("end", "length")
+                return
         if job.sampling.seed is not None:
             job.generator = torch.Generator(device=s.model.device).manual_seed(job.sampling.seed)
         token = int(next_token(pre.logits[None], job.sampling, job.generator)[0])
+        self._record_logprobs([job], pre.logits[None], [token])
         self.metrics.ttft.observe(time.perf_counter() - job.arrived)
         if self._deliver(job, token):
             return
@@ -233,15 +253,27 @@ class Scheduler:
             batch.remove(range(n))
             return
         greedy = greedy_tokens(logits).tolist()
+        jobs: list[Job] = [row.owner for row in batch.rows]
+        tokens = [greedy[i] if job.sampling.temperature == 0 else
+                  int(next_token(logits[i:i + 1], job.sampling, job.generator)[0]) for i, job in enumerate(jobs)]
+        self._record_logprobs(jobs, logits, tokens)
         finished = []
-        for i, row in enumerate(batch.rows):
-            job: Job = row.owner
-            s = job.sampling
-            token = greedy[i] if s.temperature == 0 else int(next_token(logits[i:i + 1], s, job.generator)[0])
+        for i, (row, job, token) in enumerate(zip(batch.rows, jobs, tokens)):
             row.token = token
             if job.cancelled.is_set() or self._deliver(job, token):
                 finished.append(i)
         batch.remove(finished)
+
+    def _record_logprobs(self, jobs: list[Job], logits: torch.Tensor, tokens: list[int]) -> None:
+        """Each job that asked for log-probabilities gets its token's (EOS, which no answer shows, excepted), from one
+        log_softmax over those jobs' rows of `logits` [n, V]."""
+        rows = [i for i, (job, token) in enumerate(zip(jobs, tokens))
+                if job.top_logprobs is not None and token not in self.tok.eos_ids]
+        if not rows:
+            return
+        entries = token_logprobs(logits[rows], [tokens[i] for i in rows], [jobs[i].top_logprobs or 0 for i in rows])
+        for i, entry in zip(rows, entries):
+            jobs[i].logprobs.append(entry)
 
     def _deliver(self, job: Job, token: int) -> bool:
         """Pass a token's text to the request; True when the request is done."""

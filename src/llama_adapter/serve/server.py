@@ -6,6 +6,7 @@ import threading
 
 from ..experts import Expert, load_expert, with_context
 from ..generate import Sampling
+from ..model.attached import prepares_inputs
 from ..model.llama import LlamaLM
 from ..model.tokenizer import Tokenizer
 from .config import ServeConfig
@@ -57,8 +58,8 @@ class Server:
         if wanted is not None and wanted > self.cfg.max_tokens:
             raise APIError(400, f"max_tokens is {wanted}, above this server's bound of {self.cfg.max_tokens}",
                            code="invalid_value", param="max_tokens")
-        return Sampling(max_new_tokens=wanted or self.cfg.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                        stop=req.stops(), seed=req.seed)
+        return Sampling(max_new_tokens=wanted or self.cfg.max_tokens, temperature=req.temperature,
+                        top_p=req.top_p, stop=req.stops(), seed=req.seed)
 
     def _check_length(self, ids: list[int]) -> None:
         if len(ids) >= self.context:
@@ -69,7 +70,7 @@ class Server:
     def chat_job(self, req: ChatRequest) -> Job:
         """The generation a chat request asks for (images decoded, experts run, prompt laid out)."""
         served = self.resolve(req.model)
-        sampling = self._sampling(req)
+        sampling, top = self._sampling(req), req.wanted_logprobs()
         messages: list[tuple[str, str]] = []
         urls: list[str] = []
         for m in req.messages:
@@ -89,18 +90,22 @@ class Server:
         with self.tok_lock:
             ids = render_chat(self.tok, served.layout, messages, expert_text, has_image=image is not None)
         self._check_length(ids)
-        return Job(served, ids, sampling, image if served.images else None)
+        return Job(served, ids, sampling, image if served.images else None, top_logprobs=top)
 
     def completion_job(self, req: CompletionRequest) -> Job:
         served = self.resolve(req.model)
-        sampling = self._sampling(req)
+        sampling, top = self._sampling(req), req.wanted_logprobs()
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "one prompt per request", param="prompt")
         if not prompts[0]:
             raise APIError(400, "the prompt is empty", param="prompt")
+        if req.echo and prepares_inputs(served.model):
+            raise APIError(400, f"echo needs an adapter that adds no inputs of its own; {served.name!r} "
+                                f"({served.method}) inserts tokens before the prompt's", param="echo")
         with self.tok_lock:
             ids = self.tok.encode(prompts[0])
         self._check_length(ids)
-        return Job(served, ids, sampling)
+        return Job(served, ids, sampling, top_logprobs=top, echo=prompts[0] if req.echo else None,
+                   generates=req.wanted_tokens() != 0)
 
