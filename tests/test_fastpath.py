@@ -19,8 +19,9 @@ def tokens(model, tok, prompts, n=10, images=None):
     return [t.tolist() for t in generate_tokens(model, tok, ids, Sampling(max_new_tokens=n), images=images)]
 
 
-def test_compiled_decode_matches_eager(tiny_folder):
+def test_compiled_decode_matches_eager(tiny_folder, monkeypatch):
     torch._dynamo.reset()  # it counts the graphs compiled: none from an earlier test's same shapes
+    monkeypatch.setattr("llama_adapter.model.fastpath.cpu_has_amx", lambda: True)  # W x^T at 2-16 rows
     eager, tok = la.load_pretrained(tiny_folder)
     fast, _ = la.load_pretrained(tiny_folder)
     state = la.enable_compiled_decode(fast)
@@ -46,6 +47,9 @@ def test_compiled_decode_matches_eager(tiny_folder):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
     # up to WEIGHT_LEFT_MAX_ROWS rows the linears multiply as W x^T, above as x W^T: a graph pair of its own
     assert [state.form_for(r) for r in (1, 2, 16, 17)] == ["gemv", "weight_left", "weight_left", "matrix"]
+    with monkeypatch.context() as m:  # without AMX, x W^T from 2 rows on
+        m.setattr("llama_adapter.model.fastpath.cpu_has_amx", lambda: False)
+        assert [state.form_for(r) for r in (1, 2, 16, 17)] == ["gemv", "matrix", "matrix", "matrix"]
     many = [f"row {i} of the batch" for i in range(17)]
     steps = state.compiled_steps
     assert tokens(fast, tok, many) == tokens(eager, tok, many)

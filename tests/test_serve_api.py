@@ -388,6 +388,14 @@ def test_echo_scores_the_prompt(client, refs, url):
                                             temperature=0, stream=True))
     assert chunks[0].choices[0].text == prompt
     assert "".join(c.choices[0].text for c in chunks if c.choices) == both.choices[0].text
+    # a tokenizing client sends the ids themselves (alone, or as a list of one prompt)
+    for as_ids in (ids, [ids]):
+        same = client.completions.create(model="v1", prompt=as_ids, max_tokens=0, echo=True, logprobs=1)
+        assert same.choices[0].text == tok.decode(ids, skip_special_tokens=False)
+        assert same.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": [ids, ids], "max_tokens": 1}), 400)
+    assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": [5, 10 ** 9], "max_tokens": 1}), 400,
+                 contains=str(10 ** 9))
     assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": "a", "max_tokens": 0}), 400)
     err = assert_error(post(url, "/v1/completions", {"model": "lavin", "prompt": "a", "echo": True}), 400)
     assert err["param"] == "echo" and "lavin" in err["message"]

@@ -46,6 +46,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = 
     return dtype
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Xeon Sapphire Rapids and later): oneDNN's matrix kernels differ there."""
+    return bool(torch.cpu._is_amx_tile_supported())
+
+
 def has_fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively: a CUDA GPU that supports them, or a CPU with AMX or
     AVX512-BF16. Elsewhere bf16 is emulated: on an AVX512 CPU without BF16 its matmuls ran at a
@@ -53,7 +58,7 @@ def has_fast_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return cpu_has_amx() or torch.cpu._is_avx512_bf16_supported()
     return False
 
 

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import switched_on
+from ..device import cpu_has_amx, switched_on
 from . import compile_worker
 from .fused import GROUPS, has_module_hooks, joint_of
 from .llama import BLOCK_LINEARS, AdaptableLinear, Block, KVCache, LlamaLM
@@ -66,7 +66,10 @@ _ATTR = "_compiled_decode"
 # On a CPU the graph's linears are multiply-and-sum reductions up to this many rows, which re-read the weights for
 # every row; above, PyTorch's matrix kernel (at 2 rows 1.19x the reductions; docs/benchmarks.md, Decoding).
 GEMV_MAX_ROWS = 1
-WEIGHT_LEFT_MAX_ROWS = 16  # and up to here W x^T (PRODUCTS)
+# and up to here W x^T (PRODUCTS), on a CPU with AMX only: there oneDNN multiplied 2-16 rows 1.12-1.26x faster
+# that way; on an AVX512-BF16 EPYC without AMX x W^T was the faster (decode step 1.33x at 2 rows, 1.20x at 8;
+# docs/benchmarks.md, Decoding)
+WEIGHT_LEFT_MAX_ROWS = 16
 # The default step serves batches up to 64 rows, the largest measured (1.16x eager there, 1.27x at 32).
 # enable_compiled_decode serves any batch.
 DEFAULT_MAX_ROWS = 64
@@ -427,10 +430,11 @@ class CompiledDecode:
 
     def form_for(self, rows: int) -> str:
         """The step's form for `rows` sequences (`PRODUCTS`): reductions (`gemv_for`), else the weight as the left
-        operand up to WEIGHT_LEFT_MAX_ROWS rows, else F.linear."""
+        operand up to WEIGHT_LEFT_MAX_ROWS rows on a CPU with AMX, else F.linear."""
         if self.gemv_for(rows):
             return "gemv"
-        return "weight_left" if rows <= WEIGHT_LEFT_MAX_ROWS else "matrix"
+        weight_left = self.model.device.type == "cpu" and cpu_has_amx() and rows <= WEIGHT_LEFT_MAX_ROWS
+        return "weight_left" if weight_left else "matrix"
 
     def usable(self, cache_len: int, rows: int = 1) -> bool:
         """Whether the graph computes what the eager model would for `rows` sequences and a cache of `cache_len`

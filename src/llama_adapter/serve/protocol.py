@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -72,7 +72,7 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids (one prompt, or a list of one)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_COMPLETIONS)
     echo: bool = False  # the answer starts with the prompt, and its log-probabilities with the prompt's tokens'
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
@@ -85,6 +85,17 @@ class CompletionRequest(SamplingFields):
 
     def wanted_logprobs(self) -> int | None:
         return self.logprobs
+
+    def one_prompt(self) -> str | list[int]:
+        """The request's prompt: a text, or token ids as a tokenizing client (an evaluation harness) sends them."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise APIError(400, "one prompt per request", param="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        return cast("str | list[int]", prompt)  # one text or one list of ids, by the checks above
 
 
 def parse_json(raw: bytes) -> Any:

@@ -95,17 +95,21 @@ class Server:
     def completion_job(self, req: CompletionRequest) -> Job:
         served = self.resolve(req.model)
         sampling, top = self._sampling(req), req.wanted_logprobs()
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "one prompt per request", param="prompt")
-        if not prompts[0]:
-            raise APIError(400, "the prompt is empty", param="prompt")
+        prompt = req.one_prompt()
         if req.echo and prepares_inputs(served.model):
             raise APIError(400, f"echo needs an adapter that adds no inputs of its own; {served.name!r} "
                                 f"({served.method}) inserts tokens before the prompt's", param="echo")
         with self.tok_lock:
-            ids = self.tok.encode(prompts[0])
+            if isinstance(prompt, str):
+                ids, text = self.tok.encode(prompt), prompt
+            else:
+                vocab = self.tok.vocab_size
+                wrong = [t for t in prompt if not 0 <= t < vocab]
+                if wrong:
+                    raise APIError(400, f"token id {wrong[0]} is outside the vocabulary (0..{vocab - 1})",
+                                   param="prompt")
+                ids, text = list(prompt), self.tok.decode(prompt, skip_special_tokens=False)
         self._check_length(ids)
-        return Job(served, ids, sampling, top_logprobs=top, echo=prompts[0] if req.echo else None,
+        return Job(served, ids, sampling, top_logprobs=top, echo=text if req.echo else None,
                    generates=req.wanted_tokens() != 0)
 
