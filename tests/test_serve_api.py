@@ -393,12 +393,43 @@ def test_echo_scores_the_prompt(client, refs, url):
         same = client.completions.create(model="v1", prompt=as_ids, max_tokens=0, echo=True, logprobs=1)
         assert same.choices[0].text == tok.decode(ids, skip_special_tokens=False)
         assert same.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
-    assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": [ids, ids], "max_tokens": 1}), 400)
+    two = client.completions.create(model="v1", prompt=[ids, ids[:4]], max_tokens=0, echo=True, logprobs=1)
+    assert [c.text for c in two.choices] == [tok.decode(p, skip_special_tokens=False) for p in (ids, ids[:4])]
+    assert two.choices[1].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:4], abs=1e-5)
     assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": [5, 10 ** 9], "max_tokens": 1}), 400,
                  contains=str(10 ** 9))
     assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": "a", "max_tokens": 0}), 400)
     err = assert_error(post(url, "/v1/completions", {"model": "lavin", "prompt": "a", "echo": True}), 400)
     assert err["param"] == "echo" and "lavin" in err["message"]
+
+
+def test_n_choices_and_several_prompts(client, url):
+    one = ask(client, "v1", QUESTION, max_tokens=8)
+    three = ask(client, "v1", QUESTION, max_tokens=8, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert {c.message.content for c in three.choices} == {one.choices[0].message.content}  # greedy: the same answer
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens  # the choices share their prompt
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    # sampled: choice i is the sample of seed + i, as a request of its own with that seed gives it
+    sampled = ask(client, "v1", QUESTION, max_tokens=12, n=3, temperature=1.0, seed=7)
+    alone = [ask(client, "v1", QUESTION, max_tokens=12, temperature=1.0, seed=7 + i).choices[0].message.content
+             for i in range(3)]
+    assert [c.message.content for c in sampled.choices] == alone
+    assert len(set(alone)) > 1
+    streamed: dict[int, str] = {}
+    for c in ask(client, "v1", QUESTION, max_tokens=12, n=3, temperature=1.0, seed=7, stream=True):
+        for choice in c.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert [streamed[i] for i in range(3)] == alone
+    # completions: a list of prompts, n each; choice p * n + i is prompt p's i-th
+    prompts = ["the quick brown fox", "hello world"]
+    many = client.completions.create(model="base", prompt=prompts, max_tokens=6, n=2, temperature=1.0, seed=3)
+    want = [client.completions.create(model="base", prompt=p, max_tokens=6, temperature=1.0, seed=3 + i).choices[0].text
+            for p in prompts for i in range(2)]
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert [c.text for c in many.choices] == want
+    assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": ["a"] * 17, "max_tokens": 1}), 400)
+    assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": ["a", ""], "max_tokens": 1}), 400)
 
 
 def test_stop_string_cuts_the_answer(client, refs):
@@ -638,7 +669,7 @@ def chat_body(**kw: Any) -> dict[str, Any]:
     (chat_body(stop=12), 400, None),
     (chat_body(seed="x"), 400, None),
     (chat_body(stream={"on": 1}), 400, None),
-    (chat_body(n=2), 400, None),
+    (chat_body(n=17), 400, None),
     (chat_body(temperature=3), 400, None),
     (chat_body(stop=["a", "b", "c", "d", "e"]), 400, None),
     (chat_body(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]), 400, None),

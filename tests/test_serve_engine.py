@@ -454,12 +454,12 @@ def test_experts_read_a_request_image_for_a_text_only_model(tiny_folder, tmp_pat
     body = {"model": "base", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What does it say?"}, {"type": "image_url", "image_url": {"url": url}}]}]}
     with_ocr = Server.load(ServeConfig(model=str(tiny_folder), dtype="fp32", experts=["ocr"]))
-    job = with_ocr.chat_job(ChatRequest.model_validate(body))
+    [job] = with_ocr.chat_jobs(ChatRequest.model_validate(body))
     tok = with_ocr.tok
     expected = render_chat(tok, PromptLayout(), [("user", "What does it say?")],
                            f"Text in the image: {record['answer']}")
     assert job.prompt_ids == expected and job.image is None
     plain = Server.load(ServeConfig(model=str(tiny_folder), dtype="fp32"))
     with pytest.raises(APIError, match="'base' takes no images") as e:
-        plain.chat_job(ChatRequest.model_validate(body))
+        plain.chat_jobs(ChatRequest.model_validate(body))
     assert e.value.status == 400

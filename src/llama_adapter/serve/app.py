@@ -47,17 +47,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def next_event(job: Job, request: Request) -> tuple[str, Any, int]:
-    """The job's next event (Job.events); a client that went away cancels the job (its slot frees at the next
-    token)."""
-    assert job.events is not None
+async def next_event(queue: asyncio.Queue, jobs: list[Job], request: Request) -> tuple[str, Any, int, int]:
+    """The next event of a request's jobs (Job.events); a client that went away cancels them (their slots free at
+    the next token)."""
     while True:
         try:
-            return await asyncio.wait_for(job.events.get(), timeout=0.25)
+            return await asyncio.wait_for(queue.get(), timeout=0.25)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                job.cancelled.set()
+                cancel(jobs)
                 raise ClientGone from None
+
+
+def cancel(jobs: list[Job]) -> None:
+    for job in jobs:
+        job.cancelled.set()
 
 
 def sse(obj: Any) -> str:
@@ -130,18 +134,24 @@ def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
 
-    async def run(request: Request, req: SamplingFields, job: Job, chat: bool) -> Response:
-        job.loop, job.events, job.stream = asyncio.get_running_loop(), asyncio.Queue(), req.stream
+    async def run(request: Request, req: SamplingFields, jobs: list[Job], chat: bool) -> Response:
+        """Answer with the jobs' generations as choices 0, 1, ... (several: OpenAI's `n`, a list of prompts)."""
+        queue: asyncio.Queue = asyncio.Queue()  # every job's events, each with its choice's index
+        for i, job in enumerate(jobs):
+            job.loop, job.events, job.stream, job.index = asyncio.get_running_loop(), queue, req.stream, i
         try:
-            server.scheduler.submit(job)
+            for job in jobs:
+                server.scheduler.submit(job)
         except QueueFull:
+            cancel(jobs)
             raise APIError(429, f"the server is busy: {cfg.max_queue} requests are already waiting",
                            code="queue_full") from None
         try:
-            first = await next_event(job, request)
+            first = await next_event(queue, jobs, request)
         except ClientGone:
             return Response(status_code=499)
         if first[0] == "error":
+            cancel(jobs)
             raise first[1]
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -149,77 +159,98 @@ def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
         def envelope(kind: str, choices: list[dict], **rest: Any) -> dict:
             return {"id": ident, "object": kind, "created": created, "model": req.model, "choices": choices, **rest}
 
-        sent = [0, 0]  # log-probability entries already sent, and the completion's text offset they reached
+        sent = [[0, 0] for _ in jobs]  # per choice: log-probability entries sent, the text offset they reached
 
-        def logprobs(upto: int) -> dict | None:
-            """The log-probabilities of the tokens generated since the last call (`upto`: the event's count)."""
+        def logprobs(i: int, upto: int) -> dict | None:
+            """Choice i's log-probabilities of the tokens since the last call (`upto`: the event's count)."""
+            job = jobs[i]
             if job.top_logprobs is None:
                 return None
-            entries, sent[0] = job.logprobs[sent[0]:upto], upto
+            entries, sent[i][0] = job.logprobs[sent[i][0]:upto], upto
             with server.tok_lock:  # the scheduler thread decodes with the same tokenizer
                 if chat:
                     return chat_logprobs(server.tok, entries)
-                out = completion_logprobs(server.tok, entries, sent[1], job.top_logprobs)
-            sent[1] += sum(len(t) for t in out["tokens"])
+                out = completion_logprobs(server.tok, entries, sent[i][1], job.top_logprobs)
+            sent[i][1] += sum(len(t) for t in out["tokens"])
             return out
 
         def usage() -> dict:
-            return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
-                    "total_tokens": job.prompt_tokens + job.completion_tokens}
+            prompt = sum(j.prompt_tokens for j in jobs[::req.n])  # the n choices of a prompt share it
+            completion = sum(j.completion_tokens for j in jobs)
+            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
         if not req.stream:
-            texts, event = [], first
+            texts: list[list[str]] = [[] for _ in jobs]
+            ends: dict[int, tuple[str, int]] = {}  # choice -> (finish reason, its log-probability count)
+            event = first
             try:
-                while event[0] == "text":
-                    texts.append(event[1])
-                    event = await next_event(job, request)
+                while True:
+                    kind, value, count, i = event
+                    if kind == "error":
+                        cancel(jobs)
+                        raise value
+                    if kind == "text":
+                        texts[i].append(value)
+                    else:
+                        ends[i] = (value, count)
+                        if len(ends) == len(jobs):
+                            break
+                    event = await next_event(queue, jobs, request)
             except ClientGone:
                 return Response(status_code=499)
-            if event[0] == "error":
-                raise event[1]
-            text, finish = "".join(texts), event[1]
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                      if chat else {"index": 0, "text": text, "finish_reason": finish})
-            choice["logprobs"] = logprobs(event[2])
-            return JSONResponse(envelope("chat.completion" if chat else "text_completion", [choice], usage=usage()))
+            choices = []
+            for i, (finish, count) in sorted(ends.items()):
+                text = "".join(texts[i])
+                choice = ({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                          if chat else {"index": i, "text": text, "finish_reason": finish})
+                choice["logprobs"] = logprobs(i, count)
+                choices.append(choice)
+            return JSONResponse(envelope("chat.completion" if chat else "text_completion", choices, usage=usage()))
 
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(content: str | None, upto: int, finish: str | None = None, role: bool = False) -> dict:
+        def chunk(i: int, content: str | None, upto: int, finish: str | None = None, role: bool = False) -> dict:
             if chat:
                 delta: dict = {"role": "assistant"} if role else {}
                 if content is not None:
                     delta["content"] = content
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                choice = {"index": i, "delta": delta, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": content or "", "finish_reason": finish}
-            choice["logprobs"] = logprobs(upto)
+                choice = {"index": i, "text": content or "", "finish_reason": finish}
+            choice["logprobs"] = logprobs(i, upto)
             return envelope(kind, [choice])
 
         async def events() -> AsyncIterator[str]:
             try:
                 if chat:
-                    yield sse(chunk("", 0, role=True))
-                event = first
+                    for i in range(len(jobs)):
+                        yield sse(chunk(i, "", 0, role=True))
+                event, running = first, len(jobs)
                 checked = time.monotonic()
-                while event[0] == "text":
-                    yield sse(chunk(event[1], event[2]))
+                while True:
+                    kind_, value, count, i = event
+                    if kind_ == "error":
+                        yield sse(value.body())
+                        break
+                    if kind_ == "text":
+                        yield sse(chunk(i, value, count))
+                    else:
+                        yield sse(chunk(i, None if chat else "", count, finish=value))
+                        running -= 1
+                        if not running:
+                            if req.stream_options is not None and req.stream_options.include_usage:
+                                yield sse(envelope(kind, [], usage=usage()))
+                            break
                     if time.monotonic() - checked > 0.1:  # a send to a closed socket need not fail: ask
                         checked = time.monotonic()
                         if await request.is_disconnected():
-                            return  # finally: the job is cancelled and its slot freed
-                    event = await next_event(job, request)
-                if event[0] == "error":
-                    yield sse(event[1].body())
-                else:
-                    yield sse(chunk(None if chat else "", event[2], finish=event[1]))
-                    if req.stream_options is not None and req.stream_options.include_usage:
-                        yield sse(envelope(kind, [], usage=usage()))
+                            return  # finally: the jobs are cancelled and their slots freed
+                    event = await next_event(queue, jobs, request)
                 yield "data: [DONE]\n\n"
             except ClientGone:
                 return
             finally:
-                job.cancelled.set()  # a client that went away stops its generation (a no-op once finished)
+                cancel(jobs)  # a client that went away stops its generations (a no-op once finished)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -227,13 +258,13 @@ def create_app(server: Server, scheduler_thread: bool = True) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = validate(ChatRequest, parse_json(await read_body(request, cfg.max_body_bytes)))
-        job = await run_in_threadpool(server.chat_job, req)  # image decoding and experts off the event loop
-        return await run(request, req, job, chat=True)
+        jobs = await run_in_threadpool(server.chat_jobs, req)  # image decoding and experts off the event loop
+        return await run(request, req, jobs, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = validate(CompletionRequest, parse_json(await read_body(request, cfg.max_body_bytes)))
-        job = await run_in_threadpool(server.completion_job, req)
-        return await run(request, req, job, chat=False)
+        jobs = await run_in_threadpool(server.completion_jobs, req)
+        return await run(request, req, jobs, chat=False)
 
     return app

@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import APIError
 from .logprobs import MAX_TOP_CHAT, MAX_TOP_COMPLETIONS
 
+MAX_CHOICES = 16  # n
+MAX_PROMPTS = 16  # prompts in one completions request
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields this server does not use (user, ...)
@@ -44,7 +47,7 @@ class SamplingFields(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices per prompt
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -86,16 +89,17 @@ class CompletionRequest(SamplingFields):
     def wanted_logprobs(self) -> int | None:
         return self.logprobs
 
-    def one_prompt(self) -> str | list[int]:
-        """The request's prompt: a text, or token ids as a tokenizing client (an evaluation harness) sends them."""
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, each a text or token ids (as a tokenizing client, an evaluation harness, sends
+        them): one prompt, or a list of up to MAX_PROMPTS."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, "one prompt per request", param="prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        return cast("str | list[int]", prompt)  # one text or one list of ids, by the checks above
+        many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        prompts = cast("list[str | list[int]]", prompt if many else [prompt])
+        if len(prompts) > MAX_PROMPTS:
+            raise APIError(400, f"{len(prompts)} prompts; at most {MAX_PROMPTS} per request", param="prompt")
+        if not all(prompts):
+            raise APIError(400, "a prompt is empty", param="prompt")
+        return prompts
 
 
 def parse_json(raw: bytes) -> Any:

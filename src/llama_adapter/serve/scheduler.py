@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -38,8 +38,10 @@ class Job:
     sampling: Sampling
     image: Any = None
     loop: asyncio.AbstractEventLoop | None = None
-    # ("text", str, n) ... then ("end", finish_reason, n) or ("error", APIError, n); n: `logprobs` entries so far
+    # ("text", str, n, index) ... then ("end", finish_reason, n, index) or ("error", APIError, n, index); n: the
+    # `logprobs` entries so far; index: the job's choice in its request (`index`), whose jobs share one queue
     events: asyncio.Queue | None = None
+    index: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
     prompt_tokens: int = 0
@@ -56,6 +58,17 @@ class Job:
     echo: str | None = None  # the prompt's text, which the answer starts with (completions' echo)
     generates: bool = True  # False: only the echoed prompt (max_tokens 0)
 
+    def copies(self, n: int) -> list[Job]:
+        """This job and n - 1 more of the same prompt (OpenAI's `n`), each with its own state; a seed s gives the
+        i-th the seed s + i, so that the samples differ and each is reproducible."""
+        out = [self]
+        for i in range(1, n):
+            seed = self.sampling.seed
+            sampling = self.sampling if seed is None else replace(self.sampling, seed=seed + i)
+            out.append(Job(self.served, self.prompt_ids, sampling, self.image, top_logprobs=self.top_logprobs,
+                           echo=self.echo, generates=self.generates))
+        return out
+
     def emit(self, kind: str, value: Any) -> None:
         if kind == "text" and not self.stream:
             self.held += value
@@ -67,7 +80,7 @@ class Job:
 
     def _send(self, kind: str, value: Any) -> None:
         if self.loop is not None and self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value, len(self.logprobs)))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value, len(self.logprobs), self.index))
 
 
 class QueueFull(Exception):

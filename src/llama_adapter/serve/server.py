@@ -67,8 +67,8 @@ class Server:
                                 f"(at least one position must stay free for the answer)",
                            code="context_length_exceeded", param="messages")
 
-    def chat_job(self, req: ChatRequest) -> Job:
-        """The generation a chat request asks for (images decoded, experts run, prompt laid out)."""
+    def chat_jobs(self, req: ChatRequest) -> list[Job]:
+        """The generations a chat request asks for (images decoded, experts run, prompt laid out; `n` of them)."""
         served = self.resolve(req.model)
         sampling, top = self._sampling(req), req.wanted_logprobs()
         messages: list[tuple[str, str]] = []
@@ -90,26 +90,31 @@ class Server:
         with self.tok_lock:
             ids = render_chat(self.tok, served.layout, messages, expert_text, has_image=image is not None)
         self._check_length(ids)
-        return Job(served, ids, sampling, image if served.images else None, top_logprobs=top)
+        return Job(served, ids, sampling, image if served.images else None, top_logprobs=top).copies(req.n)
 
-    def completion_job(self, req: CompletionRequest) -> Job:
+    def completion_jobs(self, req: CompletionRequest) -> list[Job]:
+        """The generations a completions request asks for: `n` per prompt, choice p * n + i the i-th of prompt p."""
         served = self.resolve(req.model)
         sampling, top = self._sampling(req), req.wanted_logprobs()
-        prompt = req.one_prompt()
         if req.echo and prepares_inputs(served.model):
             raise APIError(400, f"echo needs an adapter that adds no inputs of its own; {served.name!r} "
                                 f"({served.method}) inserts tokens before the prompt's", param="echo")
+        jobs = []
+        for prompt in req.prompts():
+            ids, text = self._encode(prompt)
+            self._check_length(ids)
+            jobs += Job(served, ids, sampling, top_logprobs=top, echo=text if req.echo else None,
+                        generates=req.wanted_tokens() != 0).copies(req.n)
+        return jobs
+
+    def _encode(self, prompt: str | list[int]) -> tuple[list[int], str]:
+        """A completion prompt's token ids and text (ids given are checked against the vocabulary)."""
         with self.tok_lock:
             if isinstance(prompt, str):
-                ids, text = self.tok.encode(prompt), prompt
-            else:
-                vocab = self.tok.vocab_size
-                wrong = [t for t in prompt if not 0 <= t < vocab]
-                if wrong:
-                    raise APIError(400, f"token id {wrong[0]} is outside the vocabulary (0..{vocab - 1})",
-                                   param="prompt")
-                ids, text = list(prompt), self.tok.decode(prompt, skip_special_tokens=False)
-        self._check_length(ids)
-        return Job(served, ids, sampling, top_logprobs=top, echo=text if req.echo else None,
-                   generates=req.wanted_tokens() != 0)
+                return self.tok.encode(prompt), prompt
+            vocab = self.tok.vocab_size
+            wrong = [t for t in prompt if not 0 <= t < vocab]
+            if wrong:
+                raise APIError(400, f"token id {wrong[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+            return list(prompt), self.tok.decode(prompt, skip_special_tokens=False)
 
