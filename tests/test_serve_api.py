@@ -429,6 +429,8 @@ def test_n_choices_and_several_prompts(client, url):
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     assert [c.text for c in many.choices] == want
     assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": ["a"] * 17, "max_tokens": 1}), 400)
+    assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": ["a"] * 4, "n": 5, "max_tokens": 1}), 400,
+                 contains="20 choices")
     assert_error(post(url, "/v1/completions", {"model": "v1", "prompt": ["a", ""], "max_tokens": 1}), 400)
 
 

@@ -1,4 +1,5 @@
-"""Log-probabilities of the generated tokens, in OpenAI's two response shapes (chat and legacy completions).
+"""Log-probabilities of the generated tokens (and of an echoed prompt's), in OpenAI's two response shapes (chat and
+legacy completions).
 
 Why the model's own distribution: a caller scoring answers (the first token's top alternatives for a multiple
 choice, a confidence) wants what the adapter assigns, so the values are log_softmax of the step's logits in fp32,

@@ -10,8 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import APIError
 from .logprobs import MAX_TOP_CHAT, MAX_TOP_COMPLETIONS
 
-MAX_CHOICES = 16  # n
-MAX_PROMPTS = 16  # prompts in one completions request
+MAX_CHOICES = 16  # choices in one request: n, times the prompts of a completions request
 
 
 class _Body(BaseModel):
@@ -75,7 +74,7 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids (one prompt, or a list of one)
+    prompt: str | list[str] | list[int] | list[list[int]]  # a text or token ids, or a list of such prompts
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_COMPLETIONS)
     echo: bool = False  # the answer starts with the prompt, and its log-probabilities with the prompt's tokens'
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
@@ -91,12 +90,13 @@ class CompletionRequest(SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts, each a text or token ids (as a tokenizing client, an evaluation harness, sends
-        them): one prompt, or a list of up to MAX_PROMPTS."""
+        them), n choices each: at most MAX_CHOICES in all."""
         prompt = self.prompt
         many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
         prompts = cast("list[str | list[int]]", prompt if many else [prompt])
-        if len(prompts) > MAX_PROMPTS:
-            raise APIError(400, f"{len(prompts)} prompts; at most {MAX_PROMPTS} per request", param="prompt")
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n = {self.n}: {len(prompts) * self.n} choices; at most "
+                                f"{MAX_CHOICES} per request", param="prompt")
         if not all(prompts):
             raise APIError(400, "a prompt is empty", param="prompt")
         return prompts

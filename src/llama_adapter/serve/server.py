@@ -58,8 +58,8 @@ class Server:
         if wanted is not None and wanted > self.cfg.max_tokens:
             raise APIError(400, f"max_tokens is {wanted}, above this server's bound of {self.cfg.max_tokens}",
                            code="invalid_value", param="max_tokens")
-        return Sampling(max_new_tokens=wanted or self.cfg.max_tokens, temperature=req.temperature,
-                        top_p=req.top_p, stop=req.stops(), seed=req.seed)
+        return Sampling(max_new_tokens=wanted or self.cfg.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                        stop=req.stops(), seed=req.seed)
 
     def _check_length(self, ids: list[int]) -> None:
         if len(ids) >= self.context:
