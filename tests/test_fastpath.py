@@ -19,6 +19,11 @@ def tokens(model, tok, prompts, n=10, images=None):
     return [t.tolist() for t in generate_tokens(model, tok, ids, Sampling(max_new_tokens=n), images=images)]
 
 
+def layer_inputs(state) -> list[dict]:
+    """The compiled step's per-layer inputs of its current generation, over all its groups of layers."""
+    return [t for _, layers in state._tensors[1] for t in layers]
+
+
 def test_compiled_decode_matches_eager(tiny_folder, monkeypatch):
     torch._dynamo.reset()  # it counts the graphs compiled: none from an earlier test's same shapes
     monkeypatch.setattr("llama_adapter.model.fastpath.cpu_has_amx", lambda: True)  # W x^T at 2-16 rows
@@ -28,7 +33,7 @@ def test_compiled_decode_matches_eager(tiny_folder, monkeypatch):
     prompts = ["the quick brown fox"]
     assert tokens(fast, tok, prompts) == tokens(eager, tok, prompts)
     assert state.failed is None and state.compiled_steps > 0
-    assert not any("joint_q_proj" in t for t in state._tensors[1])  # the reductions read each linear
+    assert not any("joint_q_proj" in t for t in layer_inputs(state))  # the reductions read each linear
     # more rows than the reductions serve: the same graph with the matrix kernel, over the joint q/k/v and
     # gate/up weights (model/fused.py); one graph for the blocks and one for the head serve every step, whose
     # attention spans the keys written so far
@@ -38,7 +43,7 @@ def test_compiled_decode_matches_eager(tiny_folder, monkeypatch):
     assert tokens(fast, tok, prompts) == tokens(eager, tok, prompts)
     assert state.failed is None and state.compiled_steps == steps + 9
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
-    assert all("joint_q_proj" in t and "joint_gate_proj" in t for t in state._tensors[1])
+    assert all("joint_q_proj" in t and "joint_gate_proj" in t for t in layer_inputs(state))
     # ... and every other batch size of more than one row, whose size is dynamic in the matrix form
     for prompts in (["hello", "the lazy dog"], ["a red circle", "hello", "the quick brown fox", "two", "three"]):
         steps = state.compiled_steps
@@ -145,7 +150,7 @@ def test_adapted_models_decode_through_the_compiled_step_with_the_eager_tokens(t
     state = la.enable_compiled_decode(model, use_gemv=False)  # the graph's form for more rows: matrix kernels
     assert tokens(model, tok, prompts, images=images) == eager
     assert state.failed is None and state.compiled_steps > 0
-    assert all("joint_q_proj" in t for t in state._tensors[1])  # with each linear's own scale and bias after it
+    assert all("joint_q_proj" in t for t in layer_inputs(state))  # with each linear's own scale and bias after it
     la.disable_compiled_decode(model)
     assert tokens(model, tok, prompts, images=images) == eager
 

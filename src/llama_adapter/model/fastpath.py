@@ -415,9 +415,9 @@ class CompiledDecode:
                                      options={**COMPILE_OPTIONS, "guard_filter_fn": _keep_guards})
         self._head = torch.compile(_head_step, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
         self.compiled_steps = 0
-        # per generation: the cache, the per-layer inputs, each group of them with its layout, and (background mode)
-        # their shapes and the worker's marker
-        self._tensors: tuple[KVCache, list, list[tuple[str, list]], tuple | None, Path | None] | None = None
+        # per generation: the cache, the per-layer inputs in groups (`group` layers each) with their layouts, and
+        # (background mode) their shapes and the worker's marker
+        self._tensors: tuple[KVCache, list[tuple[str, list]], tuple | None, Path | None] | None = None
         self._ready: set[tuple] = set()  # input shapes with a compiled graph (background mode)
         self._worker: tuple[tuple, subprocess.Popen, IO[bytes]] | None = None  # shapes, process, its stderr
 
@@ -481,8 +481,8 @@ class CompiledDecode:
             shapes = _shapes(x, tensors) if self.background else None
             marker = compile_worker.marker(repr((shapes, form, self.group))) if self.background else None
             chunks = [tensors[g:g + self.group] for g in range(0, len(tensors), self.group)]
-            self._tensors = (cache, tensors, [(layout_of(c), c) for c in chunks], shapes, marker)
-        _, tensors, groups, shapes, marker = self._tensors
+            self._tensors = (cache, [(layout_of(c), c) for c in chunks], shapes, marker)
+        _, groups, shapes, marker = self._tensors
         if shapes is not None and marker is not None and shapes not in self._ready:
             if not self._compiled_elsewhere(shapes, marker, (x, cos, sin, bias, write_at), groups[0], form):
                 return None

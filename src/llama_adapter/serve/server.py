@@ -99,12 +99,12 @@ class Server:
         if req.echo and prepares_inputs(served.model):
             raise APIError(400, f"echo needs an adapter that adds no inputs of its own; {served.name!r} "
                                 f"({served.method}) inserts tokens before the prompt's", param="echo")
-        jobs = []
+        jobs, generates = [], req.wanted_tokens() != 0
         for prompt in req.prompts():
             ids, text = self._encode(prompt)
             self._check_length(ids)
             jobs += Job(served, ids, sampling, top_logprobs=top, echo=text if req.echo else None,
-                        generates=req.wanted_tokens() != 0).copies(req.n)
+                        generates=generates).copies(req.n)
         return jobs
 
     def _encode(self, prompt: str | list[int]) -> tuple[list[int], str]:
