@@ -147,6 +147,9 @@ def test_adapted_models_decode_through_the_compiled_step_with_the_eager_tokens(t
     state = la.enable_compiled_decode(model, use_gemv=True)  # the graph's form for one row: reductions
     assert tokens(model, tok, prompts, images=images) == eager
     assert state.failed is None and state.compiled_steps > 0
+    # la.generate's cache holds V1's prompts' keys ahead of the text's: one attention over both (V2's visual prefix
+    # is shorter than its instruction prompts, so they stay separate inputs)
+    assert {t.get("prompt_in_cache", 0) for t in layer_inputs(state)} == ({3} if name.startswith("v1") else {0})
     state = la.enable_compiled_decode(model, use_gemv=False)  # the graph's form for more rows: matrix kernels
     assert tokens(model, tok, prompts, images=images) == eager
     assert state.failed is None and state.compiled_steps > 0
@@ -158,9 +161,10 @@ def test_adapted_models_decode_through_the_compiled_step_with_the_eager_tokens(t
 @pytest.mark.parametrize("name", ["v1, half the layers", "lavin, ffn adapters too"])
 def test_adapted_compiled_step_logits_in_bf16_are_close_to_eager(tiny_folder, name):
     """bf16: the compiled step accumulates in fp32 where eager bf16 kernels round in between, so logits are
-    close rather than equal; the bound is a few bf16 steps of the logits' size."""
+    close rather than equal; the bound is a few bf16 steps of the logits' size. V1's prompts attended as separate
+    inputs (a cache without front slots, as the server's) and from the cache's front slots (la.generate's)."""
     from llama_adapter.generate import prepare_prompts
-    from llama_adapter.model.fastpath import CompiledDecode
+    from llama_adapter.model.fastpath import CompiledDecode, prompt_front
 
     model, tok = la.load_pretrained(tiny_folder, dtype="bf16")
     la.attach(model, ADAPTED[name][0], tokenizer=tok)
@@ -170,7 +174,9 @@ def test_adapted_compiled_step_logits_in_bf16_are_close_to_eager(tiny_folder, na
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
     batch = prepare_prompts(model, tok, [tok.encode("the quick brown fox")], None)
     length, size = batch.attention_mask.shape[1], 64
-    caches = model.new_cache(1, size), model.new_cache(1, size)
+    front = prompt_front(model)
+    assert front == (3 if name.startswith("v1") else 0)
+    caches = model.new_cache(1, size), model.new_cache(1, size), model.new_cache(1, size, front=front)
     with torch.inference_mode():
         for cache in caches:
             first = model(batch.input_ids, inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
@@ -179,12 +185,14 @@ def test_adapted_compiled_step_logits_in_bf16_are_close_to_eager(tiny_folder, na
         eager = model(token[:, None], cache=caches[0], extras=batch.extras, output_positions=(slice(None), -1))
         key_valid = torch.zeros((1, size), dtype=torch.bool)
         key_valid[:, :length + 1] = True
-        fast = CompiledDecode(model).step(token, batch.attention_mask.long().sum(-1), caches[1], key_valid,
-                                          batch.extras)
-    assert fast is not None and fast.dtype == eager.dtype == torch.bfloat16
-    err = (fast.float() - eager.float()).abs().max() / eager.float().abs().max()
-    assert err < 0.03, f"{err:.4f}"  # measured 0.006-0.007; 0.05-0.12 with a term dropped
-    assert bool((fast.argmax(-1) == eager.argmax(-1)).all())
+        for cache in caches[1:]:
+            state = CompiledDecode(model)
+            fast = state.step(token, batch.attention_mask.long().sum(-1), cache, key_valid, batch.extras)
+            assert fast is not None and fast.dtype == eager.dtype == torch.bfloat16
+            err = (fast.float() - eager.float()).abs().max() / eager.float().abs().max()
+            assert err < 0.03, f"{err:.4f}"  # measured 0.006-0.007; 0.05-0.12 with a term dropped
+            assert bool((fast.argmax(-1) == eager.argmax(-1)).all())
+            assert state._tensors is not None and state._tensors[4] == cache.front
 
 
 def test_hooks_the_compiled_step_cannot_run_keep_the_eager_path(tiny):

@@ -93,6 +93,24 @@ def test_cached_decoding_equals_full_recompute(tiny):
         assert int(full[0, len(prompt) - 1 + i].argmax()) == tokens[i]
 
 
+def test_a_cache_s_front_slots_leave_what_the_model_reads_and_writes_unchanged(tiny):
+    """`front` slots sit ahead of position 0 in the same buffers: the eager path decodes as without them, writes
+    land after them, and selecting rows keeps them."""
+    model, tok = tiny
+    seq = torch.tensor([tok.encode("the quick brown fox jumps")])
+    plain, fronted = model.new_cache(1, 16), model.new_cache(1, 16, front=3)
+    with torch.no_grad():
+        assert torch.equal(model(seq, cache=fronted), model(seq, cache=plain))
+        assert torch.equal(model(seq[:, :1], cache=fronted), model(seq[:, :1], cache=plain))  # a decode step
+    k_all, _ = fronted.with_front()
+    assert k_all.shape[3] == 3 + 16 and not k_all[:, :, :, :3].any()  # written after the front only
+    assert torch.equal(k_all[:, :, :, 3:], fronted.k) and torch.equal(fronted.k, plain.k)
+    k_all[:, :, :, :3] = 1.0
+    picked = fronted.select_rows(torch.tensor([0, 0]))
+    assert picked.front == 3 and torch.equal(picked.with_front()[0][:, 1], k_all[:, 0])
+    assert torch.equal(picked.k[:, 1], fronted.k[:, 0])
+
+
 def test_batched_prompts_equal_single(tiny):
     model, tok = tiny
     prompts = ["the quick brown fox jumps", "hello", "a red circle and a blue square are"]

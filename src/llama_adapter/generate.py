@@ -10,7 +10,7 @@ import torch
 
 from .batch import PreparedBatch
 from .model.attached import prepares_inputs
-from .model.fastpath import default_decode
+from .model.fastpath import default_decode, prompt_front
 from .model.fused import fuse_projections
 from .model.llama import LlamaLM
 from .model.tokenizer import Tokenizer
@@ -114,7 +114,7 @@ def generate_tokens(model: LlamaLM, tok: Tokenizer, prompt_ids: Sequence[Sequenc
     size = _cache_length(batch.length + max_new, limit, fast is not None)
     if fast is not None and not fast.usable(size, rows):
         fast, size = None, batch.length + max_new
-    cache = model.new_cache(rows, size)
+    cache = model.new_cache(rows, size, front=prompt_front(model) if fast is not None else 0)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(sampling.seed)

@@ -88,6 +88,10 @@ class GatedPrefix(nn.Module):
             return self.prompt_mlp(self.prompt_seed)
         return self.prompt
 
+    @property
+    def prompt_len(self) -> int:
+        return (self.prompt_seed if self.prompt_mlp is not None else self.prompt).shape[0]
+
     def gate_value(self) -> torch.Tensor:
         return torch.tanh(self.gate) if self.gate_kind.endswith("tanh") else self.gate
 

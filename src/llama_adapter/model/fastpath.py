@@ -13,7 +13,9 @@ decode step is a function of constants (V1/V2 prompts' keys/values, cached at th
 routing weights, fixed by the modality token at the prefill; V2's scales and extra biases), so
 each hook hands its tensors over (`decode_terms`) and the graph computes the same terms. Layers
 without a term that others have get a neutral one (gate 0, zero up-projections, scale 1), which adds
-exactly nothing, so one graph serves every group of blocks.
+exactly nothing, so one graph serves every group of blocks. Where the cache reserved slots ahead of the text
+(`KVCache.front`, as la.generate's does), the prompts' keys/values are copied there once per generation and
+attended in the same loops as the text's, each span with its own softmax (`_prompts_into_cache`).
 
 The graph is used only while it computes exactly what the eager model computes
 (`why_not_compiled`): no low-rank update on a linear (packed int8/int4 weights run through
@@ -176,6 +178,21 @@ def _routed_adapter(h: torch.Tensor, a: dict[str, Any], form: str) -> torch.Tens
     return h + (a["scale"] * (up.flatten(-2) + a["up_b"].to(hidden.dtype))).to(h.dtype)
 
 
+def _prompt_and_text_softmax(scores: torch.Tensor, front: int, gate: torch.Tensor) -> torch.Tensor:
+    """The attention weights [B, G, rep, n] over keys whose first `front` are an adaption prompt's: a softmax over
+    the prompt's keys times the gate (per row and head, [B|1, H]) and its own over the text's, as the method's two
+    attentions have, in the loops of one."""
+    B, G, rep, n = scores.shape
+    in_prompt = torch.arange(n, device=scores.device) < front
+    top = torch.where(in_prompt, torch.where(in_prompt, scores, -torch.inf).amax(-1, keepdim=True),
+                      torch.where(in_prompt, -torch.inf, scores).amax(-1, keepdim=True))
+    e = (scores - top).exp()
+    prompt_total = torch.where(in_prompt, e, 0.0).sum(-1, keepdim=True)
+    text_total = torch.where(in_prompt, 0.0, e).sum(-1, keepdim=True)
+    gate = gate.float().view(-1, G, rep, 1)
+    return e * torch.where(in_prompt, gate / prompt_total, 1.0 / text_total)
+
+
 def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, write_at: torch.Tensor,
            n_heads: int, eps: tuple[float, float], form: str, t: dict[str, Any]) -> torch.Tensor:
     """One decoder block for one token per row: x [B, C] -> [B, C].
@@ -203,8 +220,9 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
     # Attention of one query per head as multiply-and-sum: inductor fuses it with the softmax.
     qg = q.view(B, G, n_heads // G, 1, d).float()
     scores = (qg * cache_k.float().unsqueeze(2)).sum(-1) * (d ** -0.5) + bias  # [B, G, rep, n]
-    probs = scores.softmax(-1).unsqueeze(-1)  # [B, G, rep, n, 1]
-    out = (probs * cache_v.float().unsqueeze(2)).sum(-2).to(x.dtype)  # [B, G, rep, d]
+    front = t.get("prompt_in_cache", 0)
+    probs = _prompt_and_text_softmax(scores, front, t["prefix_gate"]) if front else scores.softmax(-1)
+    out = (probs.unsqueeze(-1) * cache_v.float().unsqueeze(2)).sum(-2).to(x.dtype)  # [B, G, rep, d]
     if "prefix_k" in t:  # the gated prefix: its own softmax over the prompt's keys, times the gate
         pk, pv = t["prefix_k"].float().unsqueeze(2), t["prefix_v"].float().unsqueeze(2)  # [B|1, G, 1, P, d]
         p_scores = (qg * pk).sum(-1) * (d ** -0.5)  # [B, G, rep, P]
@@ -301,6 +319,30 @@ def _block_tensors(layer: Block, cache: KVCache, i: int, extras: dict[str, Any],
             t["prefix_bias"] = bias
     t.update(adapters)
     return t
+
+
+def prompt_front(model: LlamaLM) -> int:
+    """How many slots a cache should reserve ahead of the text (`KVCache.front`) for the compiled step to hold the
+    adaption prompts' keys/values there (`_prompts_into_cache`): the longest prompt of the model's layers."""
+    return max((getattr(cast(Block, b).self_attn.prefix, "prompt_len", 0) for b in model.layers), default=0)
+
+
+def _prompts_into_cache(layers: list[dict[str, Any]], cache: KVCache) -> int:
+    """Copy every layer's prompt keys/values into the cache's front slots, where the step attends them with the
+    text's in one attention (`_prompt_and_text_softmax`) instead of a second one: the latter cost V1 about 4
+    parallel loops per layer and three more inputs per layer and call, ~6% of a token (SmolLM2, EPYC). Done when
+    the cache reserved a front of exactly the prompts' length and no row masks prompt keys (the server's mixed
+    batches do); returns that length, or 0 where the prompts stay separate inputs."""
+    front = cache.front
+    if not front or any(t.get("prefix_k") is None or t["prefix_k"].shape[2] != front or "prefix_bias" in t
+                        for t in layers):
+        return 0
+    k_all, v_all = cache.with_front()
+    for i, t in enumerate(layers):
+        k_all[i, :, :, :front] = t.pop("prefix_k")
+        v_all[i, :, :, :front] = t.pop("prefix_v")
+        t["cache_k"], t["cache_v"], t["prompt_in_cache"] = k_all[i], v_all[i], front
+    return front
 
 
 def hook_terms(layer: Block, cache: KVCache, extras: dict[str, Any],
@@ -415,9 +457,9 @@ class CompiledDecode:
                                      options={**COMPILE_OPTIONS, "guard_filter_fn": _keep_guards})
         self._head = torch.compile(_head_step, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
         self.compiled_steps = 0
-        # per generation: the cache, the per-layer inputs in groups (`group` layers each) with their layouts, and
-        # (background mode) their shapes and the worker's marker
-        self._tensors: tuple[KVCache, list[tuple[str, list]], tuple | None, Path | None] | None = None
+        # per generation: the cache, the per-layer inputs in groups (`group` layers each) with their layouts,
+        # (background mode) their shapes and the worker's marker, and the prompts' slots ahead of the text's
+        self._tensors: tuple[KVCache, list[tuple[str, list]], tuple | None, Path | None, int] | None = None
         self._ready: set[tuple] = set()  # input shapes with a compiled graph (background mode)
         self._worker: tuple[tuple, subprocess.Popen, IO[bytes]] | None = None  # shapes, process, its stderr
 
@@ -462,27 +504,30 @@ class CompiledDecode:
         m = self.model
         cos_table, sin_table = m.rotary.table(cache.max_len, token.device)  # no device sync for the max
         cos, sin = cos_table[positions, None].to(m.dtype), sin_table[positions, None].to(m.dtype)  # [B, 1, d]
-        write_at = torch.tensor([cache.length], device=token.device)
-        valid = key_valid[:, :keys]
-        bias = torch.zeros(valid.shape, dtype=torch.float32, device=token.device)
-        bias = bias.masked_fill_(~valid, torch.finfo(torch.float32).min)[:, None, None, :]
-        torch._dynamo.mark_dynamic(bias, 3)
         x = m.embed_tokens(token)  # a float table, or a quantized one (model/quantize.py)
         rows = token.shape[0]
         form = self.form_for(rows)
         dynamic_batch = form != "gemv" and rows > 1  # the matrix forms: one graph for every batch size
         if dynamic_batch:
-            for t in (x, cos, sin, bias):
+            for t in (x, cos, sin):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         if self._tensors is None or self._tensors[0] is not cache:
             tensors = _uniform([_block_tensors(cast(Block, b), cache, i, extras or {}, rows, joint=form != "gemv")
                                 for i, b in enumerate(m.layers)])
+            front = _prompts_into_cache(tensors, cache)
             _mark_dynamic(tensors, rows if dynamic_batch else None)
             shapes = _shapes(x, tensors) if self.background else None
             marker = compile_worker.marker(repr((shapes, form, self.group))) if self.background else None
             chunks = [tensors[g:g + self.group] for g in range(0, len(tensors), self.group)]
-            self._tensors = (cache, [(layout_of(c), c) for c in chunks], shapes, marker)
-        _, groups, shapes, marker = self._tensors
+            self._tensors = (cache, [(layout_of(c), c) for c in chunks], shapes, marker, front)
+        _, groups, shapes, marker, front = self._tensors  # front: the prompts' slots, ahead of the text's
+        write_at = torch.tensor([front + cache.length], device=token.device)
+        bias = torch.zeros((rows, front + keys), dtype=torch.float32, device=token.device)
+        bias[:, front:].masked_fill_(~key_valid[:, :keys], torch.finfo(torch.float32).min)
+        bias = bias[:, None, None, :]
+        torch._dynamo.mark_dynamic(bias, 3)
+        if dynamic_batch:
+            torch._dynamo.maybe_mark_dynamic(bias, 0)
         if shapes is not None and marker is not None and shapes not in self._ready:
             if not self._compiled_elsewhere(shapes, marker, (x, cos, sin, bias, write_at), groups[0], form):
                 return None

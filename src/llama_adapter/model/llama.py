@@ -90,18 +90,28 @@ class ForwardContext:
 
 
 class KVCache:
-    """Preallocated keys/values for all layers, plus per-layer prefix keys/values."""
+    """Preallocated keys/values for all layers, plus per-layer prefix keys/values.
+
+    `front` reserves slots ahead of position 0 in the same buffers, where the compiled decode step puts the
+    adaption prompts' keys/values so that one attention covers them and the text (model/fastpath.py); `k` and
+    `v`, what everything else reads and writes, start after them."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: torch.device, front: int = 0):
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, front + max_len, cfg.head_dim)
+        self.front = front
+        self._with_front = (torch.zeros(shape, dtype=dtype, device=device),
+                            torch.zeros(shape, dtype=dtype, device=device))
+        self.k, self.v = (t[:, :, :, front:] for t in self._with_front)
         self.max_len = max_len
         self.length = 0
         self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # per-generation values that hooks compute at prefill and reuse while decoding (e.g. routing)
         self.state: dict[Any, torch.Tensor] = {}
+
+    def with_front(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers [L, B, G, front + max_len, d], front slots included."""
+        return self._with_front if self.front else (self.k, self.v)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
@@ -118,14 +128,16 @@ class KVCache:
         length > 0 meaning a decode step) for rows whose keys/values live in another buffer (serve/engine.py)."""
         out = cls.__new__(cls)
         out.k = out.v = torch.empty(0)
+        out.front = 0
         out.max_len, out.length, out.prefix, out.state = length, length, prefix, state
         return out
 
     def select_rows(self, index: torch.Tensor) -> KVCache:
         """A cache whose row i is row index[i] of this one (several continuations of one prompt)."""
         out = KVCache.__new__(KVCache)
-        out.max_len, out.length = self.max_len, self.length
-        out.k, out.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        out.max_len, out.length, out.front = self.max_len, self.length, self.front
+        out._with_front = tuple(t.index_select(1, index) for t in self.with_front())  # type: ignore[assignment]
+        out.k, out.v = (t[:, :, :, self.front:] for t in out._with_front)
         # prompt keys/values shared by all rows ([1, ...]) stay shared
         out.prefix = {layer: tuple(t if t.shape[0] == 1 else t[index] for t in kv)  # type: ignore[misc]
                       for layer, kv in self.prefix.items()}
@@ -277,8 +289,8 @@ class LlamaLM(nn.Module):
                                                                 if isinstance(m, (nn.Linear, RMSNorm))])
         return list({id(p): p for m in own for p in m.parameters(recurse=False)}.values())
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
+    def new_cache(self, batch_size: int, max_len: int, front: int = 0) -> KVCache:
+        return KVCache(self.config, batch_size, max_len, self.dtype, self.device, front)
 
     def forward(
         self,
