@@ -24,6 +24,29 @@ def layer_inputs(state) -> list[dict]:
     return [t for _, layers in state._tensors[1] for t in layers]
 
 
+def eager_and_compiled_step(model, tok, prompt: str, front: int = 0, use_gemv: bool | None = None):
+    """The logits [1, V] of one decode step after the same prefill, eager and through a new compiled step (whose
+    cache reserves `front` slots), and that step."""
+    from llama_adapter.generate import prepare_prompts
+    from llama_adapter.model.fastpath import CompiledDecode
+
+    batch = prepare_prompts(model, tok, [tok.encode(prompt)], None)
+    length, size = batch.attention_mask.shape[1], 64
+    caches = model.new_cache(1, size), model.new_cache(1, size, front=front)
+    with torch.inference_mode():
+        for cache in caches:
+            first = model(batch.input_ids, inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                          cache=cache, extras=batch.extras, output_positions=(slice(None), -1))
+        token = first.argmax(-1)
+        eager = model(token[:, None], cache=caches[0], extras=batch.extras, output_positions=(slice(None), -1))
+        key_valid = torch.zeros((1, size), dtype=torch.bool)
+        key_valid[:, :length + 1] = True
+        state = CompiledDecode(model, use_gemv)
+        fast = state.step(token, batch.attention_mask.long().sum(-1), caches[1], key_valid, batch.extras)
+    assert fast is not None
+    return eager.reshape(fast.shape), fast, state
+
+
 def test_compiled_decode_matches_eager(tiny_folder, monkeypatch):
     torch._dynamo.reset()  # it counts the graphs compiled: none from an earlier test's same shapes
     monkeypatch.setattr("llama_adapter.model.fastpath.cpu_has_amx", lambda: True)  # W x^T at 2-16 rows
@@ -163,8 +186,7 @@ def test_adapted_compiled_step_logits_in_bf16_are_close_to_eager(tiny_folder, na
     """bf16: the compiled step accumulates in fp32 where eager bf16 kernels round in between, so logits are
     close rather than equal; the bound is a few bf16 steps of the logits' size. V1's prompts attended as separate
     inputs (a cache without front slots, as the server's) and from the cache's front slots (la.generate's)."""
-    from llama_adapter.generate import prepare_prompts
-    from llama_adapter.model.fastpath import CompiledDecode, prompt_front
+    from llama_adapter.model.fastpath import prompt_front
 
     model, tok = la.load_pretrained(tiny_folder, dtype="bf16")
     la.attach(model, ADAPTED[name][0], tokenizer=tok)
@@ -172,27 +194,15 @@ def test_adapted_compiled_step_logits_in_bf16_are_close_to_eager(tiny_folder, na
     with torch.no_grad():
         for p in la.trainable_parameters(model).values():
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    batch = prepare_prompts(model, tok, [tok.encode("the quick brown fox")], None)
-    length, size = batch.attention_mask.shape[1], 64
     front = prompt_front(model)
     assert front == (3 if name.startswith("v1") else 0)
-    caches = model.new_cache(1, size), model.new_cache(1, size), model.new_cache(1, size, front=front)
-    with torch.inference_mode():
-        for cache in caches:
-            first = model(batch.input_ids, inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                          cache=cache, extras=batch.extras, output_positions=(slice(None), -1))
-        token = first.argmax(-1)
-        eager = model(token[:, None], cache=caches[0], extras=batch.extras, output_positions=(slice(None), -1))
-        key_valid = torch.zeros((1, size), dtype=torch.bool)
-        key_valid[:, :length + 1] = True
-        for cache in caches[1:]:
-            state = CompiledDecode(model)
-            fast = state.step(token, batch.attention_mask.long().sum(-1), cache, key_valid, batch.extras)
-            assert fast is not None and fast.dtype == eager.dtype == torch.bfloat16
-            err = (fast.float() - eager.float()).abs().max() / eager.float().abs().max()
-            assert err < 0.03, f"{err:.4f}"  # measured 0.006-0.007; 0.05-0.12 with a term dropped
-            assert bool((fast.argmax(-1) == eager.argmax(-1)).all())
-            assert state._tensors is not None and state._tensors[4] == cache.front
+    for cache_front in {0, front}:
+        eager, fast, state = eager_and_compiled_step(model, tok, "the quick brown fox", front=cache_front)
+        assert fast.dtype == eager.dtype == torch.bfloat16
+        err = (fast.float() - eager.float()).abs().max() / eager.float().abs().max()
+        assert err < 0.03, f"{err:.4f}"  # measured 0.006-0.007; 0.05-0.12 with a term dropped
+        assert bool((fast.argmax(-1) == eager.argmax(-1)).all())
+        assert state._tensors is not None and state._tensors[4] == cache_front
 
 
 def test_hooks_the_compiled_step_cannot_run_keep_the_eager_path(tiny):
@@ -466,10 +476,11 @@ def test_a_copied_model_gets_a_decode_step_of_its_own(tiny_folder, fast_by_defau
 
 @pytest.mark.parametrize("kind,vocab", [("int8", 400), ("int4", 400), ("int4", 448)])
 def test_a_quantized_base_decodes_through_the_compiled_step_with_the_eager_tokens(tmp_path, kind, vocab):
-    """Issue 38: packed low-bit linears and the quantized head run in the graph through PyTorch's own kernels (the
-    same calls as the eager path), so an fp32 model gives the eager tokens; V1's prompts ride along. A vocabulary
-    of 448 rows gives int4 a 4-bit embedding/head table (where this CPU's packing can be read back), 400 an int8
-    one."""
+    """Issue 38: packed low-bit linears and the quantized head run in the graph, for several rows through PyTorch's
+    own kernels (the eager path's calls, so an fp32 model gives the eager tokens), for one row the int8 ones as
+    the graph's reductions over the int8 weights (their sums in another order: logits within bf16 rounding, the
+    eager tokens where nothing is int8); V1's prompts ride along. A vocabulary of 448 rows gives int4 a 4-bit
+    embedding/head table (where this CPU's packing can be read back), 400 an int8 one."""
     from llama_adapter.model.quantize import quantization_of
 
     model, tok = la.load_pretrained(save_tiny_folder(tmp_path / "tiny", vocab_size=vocab), quantize=kind)
@@ -481,6 +492,28 @@ def test_a_quantized_base_decodes_through_the_compiled_step_with_the_eager_token
     assert model.lm_head.table.kind == expected_table_kind(kind, vocab)
     prompts = ["the quick brown fox", "hello"]
     eager = tokens(model, tok, prompts, n=12)
-    state = la.enable_compiled_decode(model)
-    assert tokens(model, tok, prompts, n=12) == eager
-    assert state.failed is None and state.compiled_steps == 11
+    int8_parts = kind == "int8" or model.lm_head.table.kind == "int8"
+    for use_gemv in (False, True):  # the form for more rows (kernels), the one-row form (reductions)
+        state = la.enable_compiled_decode(model, use_gemv=use_gemv)
+        if use_gemv and int8_parts:
+            logits, fast, _ = eager_and_compiled_step(model, tok, prompts[0], use_gemv=True)
+            assert (fast - logits).abs().max() <= 2 ** -7 * logits.abs().max()  # a bf16 rounding of the largest
+            assert logits[0, fast.argmax(-1)] >= logits.max() - 2 ** -7 * logits.abs().max()
+        else:
+            assert tokens(model, tok, prompts, n=12) == eager
+            assert state.failed is None and state.compiled_steps == 11
+
+
+def test_int8_reduction_computes_what_the_int8_kernel_does():
+    """The one-row graph's int8 linear (multiply-and-sum over the int8 weight, fastpath._int8_gemv) against
+    PyTorch's kernel on the same packed weight: equal up to the rounding of their bf16 outputs."""
+    from llama_adapter.model.fastpath import _int8_gemv, _packed
+    from llama_adapter.model.quantize import QuantizedWeight
+
+    g = torch.Generator().manual_seed(0)
+    weight = QuantizedWeight.from_weight(torch.randn(48, 64, generator=g), "int8")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 64, generator=g).to(dtype)
+        ours, kernel = _int8_gemv(x, weight.packed, weight.terms()[2]), _packed(x, weight.terms())
+        assert ours.dtype == kernel.dtype == dtype
+        torch.testing.assert_close(ours, kernel, rtol=2 ** -7, atol=1e-3)
