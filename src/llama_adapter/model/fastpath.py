@@ -189,17 +189,19 @@ def _routed_adapter(h: torch.Tensor, a: dict[str, Any], form: str) -> torch.Tens
     return h + (a["scale"] * (up.flatten(-2) + a["up_b"].to(hidden.dtype))).to(h.dtype)
 
 
-def _prompt_and_text_softmax(scores: torch.Tensor, front: int, gate: torch.Tensor) -> torch.Tensor:
-    """The attention weights [B, G, rep, n] over keys whose first `front` are an adaption prompt's: a softmax over
+def _prompt_and_text_softmax(scores: torch.Tensor, prompt: int, front: int, gate: torch.Tensor) -> torch.Tensor:
+    """The attention weights [B, G, rep, n] over keys whose first `prompt` are an adaption prompt's and those from
+    `front` on the text's (the slots between, for a longer prompt of another layer, weigh nothing): a softmax over
     the prompt's keys times the gate (per row and head, [B|1, H]) and its own over the text's, as the method's two
     attentions have, in the loops of one."""
     B, G, rep, n = scores.shape
-    in_prompt = torch.arange(n, device=scores.device) < front
+    slot = torch.arange(n, device=scores.device)
+    in_prompt, in_text = slot < prompt, slot >= front
     top = torch.where(in_prompt, torch.where(in_prompt, scores, -torch.inf).amax(-1, keepdim=True),
-                      torch.where(in_prompt, -torch.inf, scores).amax(-1, keepdim=True))
-    e = (scores - top).exp()
+                      torch.where(in_text, scores, -torch.inf).amax(-1, keepdim=True))
+    e = torch.where(in_prompt | in_text, (scores - top).exp(), 0.0)
     prompt_total = torch.where(in_prompt, e, 0.0).sum(-1, keepdim=True)
-    text_total = torch.where(in_prompt, 0.0, e).sum(-1, keepdim=True)
+    text_total = torch.where(in_text, e, 0.0).sum(-1, keepdim=True)
     gate = gate.float().view(-1, G, rep, 1)
     return e * torch.where(in_prompt, gate / prompt_total, 1.0 / text_total)
 
@@ -231,8 +233,8 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
     # Attention of one query per head as multiply-and-sum: inductor fuses it with the softmax.
     qg = q.view(B, G, n_heads // G, 1, d).float()
     scores = (qg * cache_k.float().unsqueeze(2)).sum(-1) * (d ** -0.5) + bias  # [B, G, rep, n]
-    front = t.get("prompt_in_cache", 0)
-    probs = _prompt_and_text_softmax(scores, front, t["prefix_gate"]) if front else scores.softmax(-1)
+    in_cache = t.get("prompt_in_cache")  # (the prompt's slots, the text's first), or None
+    probs = scores.softmax(-1) if in_cache is None else _prompt_and_text_softmax(scores, *in_cache, t["prefix_gate"])
     out = (probs.unsqueeze(-1) * cache_v.float().unsqueeze(2)).sum(-2).to(x.dtype)  # [B, G, rep, d]
     if "prefix_k" in t:  # the gated prefix: its own softmax over the prompt's keys, times the gate
         pk, pv = t["prefix_k"].float().unsqueeze(2), t["prefix_v"].float().unsqueeze(2)  # [B|1, G, 1, P, d]
@@ -342,17 +344,18 @@ def _prompts_into_cache(layers: list[dict[str, Any]], cache: KVCache) -> int:
     """Copy every layer's prompt keys/values into the cache's front slots, where the step attends them with the
     text's in one attention (`_prompt_and_text_softmax`) instead of a second one: the latter cost V1 about 4
     parallel loops per layer and three more inputs per layer and call, ~6% of a token (SmolLM2, EPYC). Done when
-    the cache reserved a front of exactly the prompts' length and no row masks prompt keys (the server's mixed
-    batches do); returns that length, or 0 where the prompts stay separate inputs."""
+    the cache reserved a front that holds every layer's prompt and no row masks prompt keys (the server's mixed
+    batches do); returns the front's length, or 0 where the prompts stay separate inputs."""
     front = cache.front
-    if not front or any(t.get("prefix_k") is None or t["prefix_k"].shape[2] != front or "prefix_bias" in t
+    if not front or any(t.get("prefix_k") is None or t["prefix_k"].shape[2] > front or "prefix_bias" in t
                         for t in layers):
         return 0
     k_all, v_all = cache.with_front()
     for i, t in enumerate(layers):
-        k_all[i, :, :, :front] = t.pop("prefix_k")
-        v_all[i, :, :, :front] = t.pop("prefix_v")
-        t["cache_k"], t["cache_v"], t["prompt_in_cache"] = k_all[i], v_all[i], front
+        prompt = t["prefix_k"].shape[2]
+        k_all[i, :, :, :prompt] = t.pop("prefix_k")
+        v_all[i, :, :, :prompt] = t.pop("prefix_v")
+        t["cache_k"], t["cache_v"], t["prompt_in_cache"] = k_all[i], v_all[i], (prompt, front)
     return front
 
 
