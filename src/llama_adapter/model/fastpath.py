@@ -233,8 +233,11 @@ def _block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Te
     # Attention of one query per head as multiply-and-sum: inductor fuses it with the softmax.
     qg = q.view(B, G, n_heads // G, 1, d).float()
     scores = (qg * cache_k.float().unsqueeze(2)).sum(-1) * (d ** -0.5) + bias  # [B, G, rep, n]
-    in_cache = t.get("prompt_in_cache")  # (the prompt's slots, the text's first), or None
-    probs = scores.softmax(-1) if in_cache is None else _prompt_and_text_softmax(scores, *in_cache, t["prefix_gate"])
+    if "prompt_in_cache" in t:  # (the prompt's slots, the text's first)
+        prompt, front = t["prompt_in_cache"]
+        probs = _prompt_and_text_softmax(scores, prompt, front, t["prefix_gate"])
+    else:
+        probs = scores.softmax(-1)
     out = (probs.unsqueeze(-1) * cache_v.float().unsqueeze(2)).sum(-2).to(x.dtype)  # [B, G, rep, d]
     if "prefix_k" in t:  # the gated prefix: its own softmax over the prompt's keys, times the gate
         pk, pv = t["prefix_k"].float().unsqueeze(2), t["prefix_v"].float().unsqueeze(2)  # [B|1, G, 1, P, d]
