@@ -106,11 +106,14 @@ def main() -> None:
 
     tps = {f"{name}/{path}": n / median(times[(name, path)]) for name, path in keys}
     ratios = {f"{name}/{path}": tps[f"{name}/{path}"] / tps[f"base/{path}"] for name, path in keys if name != "base"}
-    paired = {f"{name}/{path}": median([b / t for b, t in zip(times[("base", path)], times[(name, path)])])
-              for name, path in keys if name != "base"}
+
+    def paired_medians(series: dict[tuple[str, str], list[float]]) -> dict[str, float]:
+        """Per variant: the median over repetitions of the base's seconds over the variant's, same repetition."""
+        return {f"{name}/{path}": median([b / t for b, t in zip(series[("base", path)], series[(name, path)])])
+                for name, path in keys if name != "base"}
+
+    paired, step_paired = paired_medians(times), paired_medians(steps)
     step_ms = {f"{name}/{path}": 1e3 * median(steps[(name, path)]) for name, path in keys}
-    step_paired = {f"{name}/{path}": median([b / t for b, t in zip(steps[("base", path)], steps[(name, path)])])
-                   for name, path in keys if name != "base"}
     figures = {"benchmark": "batch-1 greedy decoding, adapted vs base", "model": "smollm2-135m", "dtype": args.dtype,
                "new_tokens": n, "reps": args.reps, "threads": args.threads, "tokens_per_s": tps,
                "over_base_same_path": ratios, "over_base_paired_median": paired,

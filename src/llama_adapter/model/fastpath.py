@@ -345,8 +345,9 @@ def prompt_front(model: LlamaLM) -> int:
 
 def _prompts_into_cache(layers: list[dict[str, Any]], cache: KVCache) -> int:
     """Copy every layer's prompt keys/values into the cache's front slots, where the step attends them with the
-    text's in one attention (`_prompt_and_text_softmax`) instead of a second one: the latter cost V1 about 4
-    parallel loops per layer and three more inputs per layer and call, ~6% of a token (SmolLM2, EPYC). Done when
+    text's in one attention (`_prompt_and_text_softmax`) instead of a second one: the latter cost V1 four small
+    loop nests per layer (two of them parallel) and three more inputs per layer and call, ~6% of a token (SmolLM2,
+    EPYC). Done when
     the cache reserved a front that holds every layer's prompt and no row masks prompt keys (the server's mixed
     batches do); returns the front's length, or 0 where the prompts stay separate inputs."""
     front = cache.front
